@@ -1,0 +1,89 @@
+"""The label-encoder artifact that Step 1 writes and Step 2 reads: h with its FPN, the head, and what they fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from labelenc.encoder import LabelEncoder
+from labelenc.errors import UserError
+from labelenc.engine.checkpoint import CheckpointError, load_file, save_file
+from labelenc.models import FAMILIES, family_of
+
+logger = logging.getLogger(__name__)
+
+
+class IncompatibleLabelEncoder(UserError, ValueError):
+    """A label encoder trained for another detector family, class list or pyramid."""
+
+
+def encoder_metadata(family: str, class_names: list[str], fpn_channels: int, width: float, backbone: str) -> dict:
+    """What a Step-2 detector must share with the Step-1 run (``backbone`` is informative: it may differ)."""
+    return {
+        "family": family,
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "returned_layers": list(FAMILIES[family].returned_layers),
+        "fpn_channels": fpn_channels,
+        "encoder_width": width,
+        "step1_backbone": backbone,
+    }
+
+
+def save_label_encoder(path: str | Path, encoder: LabelEncoder, detector: nn.Module, meta: dict, config: dict) -> None:
+    """Write h (body + FPN), the detection head(s) and the metadata to ``path``."""
+    heads = {name: getattr(detector, name).state_dict() for name in family_of(detector).head_modules}
+    save_file({"kind": "label_encoder", "encoder": encoder.state_dict(), "heads": heads, "meta": meta,
+               "config": config}, path)
+
+
+def load_label_encoder(path: str | Path) -> dict[str, Any]:
+    """Read an artifact written by :func:`save_label_encoder` (tensors and plain data only)."""
+    artifact = load_file(path, kind="label encoder")
+    if artifact.get("kind") != "label_encoder":
+        raise CheckpointError(f"{path} is not a label-encoder file (it holds a {artifact.get('kind', 'checkpoint')})")
+    return artifact
+
+
+def check_compatible(meta: dict, expected: dict, source: str) -> None:
+    """Refuse an artifact whose family, classes or pyramid differ from the Step-2 run's, saying what differs."""
+    keys = ("family", "class_names", "returned_layers", "fpn_channels")
+    diffs = [f"{k}: label encoder has {meta.get(k)!r}, this run has {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
+    if diffs:
+        raise IncompatibleLabelEncoder(f"label encoder {source} does not fit this detector:\n  " + "\n  ".join(diffs))
+
+
+def build_label_encoder(meta: dict) -> LabelEncoder:
+    """An untrained h with the architecture recorded in ``meta``."""
+    family = FAMILIES[meta["family"]]
+    return LabelEncoder(
+        meta["num_classes"],
+        meta["fpn_channels"],
+        list(family.returned_layers),
+        family.extra_blocks(meta["fpn_channels"]),
+        width=meta["encoder_width"],
+    )
+
+
+def init_detector_from_artifact(detector: nn.Module, artifact: dict) -> dict[str, list[str]]:
+    """Step-2 initialisation: the head(s) strictly from Step 1, and the FPN tensors of h whose shapes match.
+
+    Returns ``{"copied": [...], "skipped": [...]}`` of FPN tensor names; a head that does not load is an error.
+    """
+    for name, state in artifact["heads"].items():
+        try:
+            getattr(detector, name).load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise IncompatibleLabelEncoder(f"the Step-1 {name} does not load into this detector: {err}") from None
+    fpn = detector.backbone.fpn.state_dict()
+    source = {k[len("fpn."):]: v for k, v in artifact["encoder"].items() if k.startswith("fpn.")}
+    copied = [k for k, v in source.items() if k in fpn and fpn[k].shape == v.shape]
+    skipped = sorted(set(fpn) - set(copied))
+    detector.backbone.fpn.load_state_dict({**fpn, **{k: source[k] for k in copied}})
+    logger.info("Step-2 init: loaded %s from the label encoder", ", ".join(artifact["heads"]))
+    logger.info("Step-2 init: FPN tensors copied from h: %s", ", ".join(copied) or "none")
+    logger.info("Step-2 init: FPN tensors left at their initialisation (shape differs): %s", ", ".join(skipped) or "none")
+    return {"copied": copied, "skipped": skipped}

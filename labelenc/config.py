@@ -1,0 +1,201 @@
+"""Typed run configuration: YAML files validated by pydantic, with ``a.b=c`` command-line overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from labelenc.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    family: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn"] = "retinanet"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    backbone_weights: str | None = Field(
+        None,
+        description="None: random init; a path to a state-dict file; or a torchvision weights name such as "
+        "'IMAGENET1K_V1', loaded from the local torch cache only (nothing is downloaded).",
+    )
+    trainable_layers: int | None = Field(None, ge=0, le=6, description="None: torchvision's default.")
+    fpn_channels: int = Field(256, ge=8)
+    min_size: int = Field(800, ge=32, description="Short side after the detector's resize.")
+    max_size: int = Field(1333, ge=32, description="Long-side limit after the detector's resize.")
+    num_classes: int | None = Field(None, ge=1, description="None: taken from the training data.")
+    anchor_sizes: list[int] | None = Field(
+        None,
+        description="Base anchor size per pyramid level (RetinaNet, Faster/Mask R-CNN); None: torchvision's "
+        "defaults (32..512, sized for 800-pixel images). FCOS places points by stride and takes none.",
+    )
+    detections_per_image: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check_anchors(self) -> ModelConfig:
+        if self.anchor_sizes is not None and self.family == "fcos":
+            raise ValueError("model.anchor_sizes does not apply to fcos (its points follow the FPN strides)")
+        return self
+
+
+class SplitConfig(_Strict):
+    annotations: str = Field(description="COCO-format JSON file.")
+    images: str = Field(description="Folder the JSON's file_name entries are relative to.")
+
+
+class DataConfig(_Strict):
+    train: SplitConfig
+    val: SplitConfig
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    num_workers: int = Field(2, ge=0)
+
+
+class TrainConfig(_Strict):
+    base_iters: int = Field(90000, ge=1, description="Length of the 1x schedule in iterations.")
+    schedule: Literal["1x", "2x"] = "1x"
+    batch_size: int = Field(16, ge=1, description="Images per iteration over all processes.")
+    base_lr: float = Field(0.01, gt=0, description="Learning rate for reference_batch_size images.")
+    reference_batch_size: int = Field(16, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(1000, ge=0, description="Linear LR warm-up length.")
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    lr_decay_points: tuple[float, float] = Field(
+        (2 / 3, 8 / 9), description="LR x0.1 at these fractions of the schedule."
+    )
+    grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm; None: no clipping.")
+    checkpoint_period: int = Field(5000, ge=1)
+    log_period: int = Field(20, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms for exact resume.")
+
+    @model_validator(mode="after")
+    def _check_decays(self) -> TrainConfig:
+        first, second = self.lr_decay_points
+        if not 0 < first <= second < 1:
+            raise ValueError("train.lr_decay_points must satisfy 0 < first <= second < 1")
+        return self
+
+    @property
+    def schedule_multiplier(self) -> int:
+        return {"1x": 1, "2x": 2}[self.schedule]
+
+    @property
+    def max_iters(self) -> int:
+        return self.base_iters * self.schedule_multiplier
+
+    def decay_milestones(self, length: int, offset: int = 0) -> list[int]:
+        """LR decay iterations for a schedule of ``length`` iterations that starts after ``offset`` iterations."""
+        return [offset + round(f * length) for f in self.lr_decay_points]
+
+
+class LabelEncConfig(_Strict):
+    encoder_width: float = Field(1.0, gt=0, description="Channel multiplier of the label encoder h (1.0 = paper).")
+    step1_warmup: float = Field(
+        1 / 3, ge=0, description="Step-1 warm-up without L3, as a fraction of the 1x length (paper: 30k of 90k)."
+    )
+    distance_cutoff: float = Field(
+        1 / 9, ge=0, lt=1, description="Fraction at the end of Step 2 without the distance loss (paper: 10k of 90k)."
+    )
+    reconstruction_weight: float = Field(1.0, ge=0, description="Step 1: weight of L1 = L_det(d(h(y)), y).")
+    detection_weight: float = Field(1.0, ge=0, description="Step 1: lambda_1 of L2 = L_det(d(f(I)), y).")
+    distance_weight: float = Field(1.0, ge=0, description="lambda (Step 2) and lambda_2 (Step 1) of L_dis.")
+    box_jitter: bool = Field(True, description="Step 1: random per-box down-scaling of label maps.")
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    labelenc: LabelEncConfig = LabelEncConfig()
+    output_dir: str = "runs/default"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(path: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar parsing, so ``x=1e-3``, ``x=null`` and ``x=[1,2]`` mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with ``a.b=c`` overrides applied (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def build_config(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a raw mapping into a :class:`Config`, turning pydantic errors into one readable message."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply overrides and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return build_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

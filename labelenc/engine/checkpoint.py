@@ -1,0 +1,63 @@
+"""Checkpoint files: written atomically by the main process, read back with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labelenc import __version__
+from labelenc.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names the file."""
+
+
+def save_file(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` (tensors and plain data) to ``path`` atomically: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "format_version": FORMAT_VERSION, "labelenc_version": __version__}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
+    """Read a file written by :func:`save_file`; refuses anything but tensors and plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{kind} file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated archives, pickled code, foreign formats
+        raise CheckpointError(f"cannot load {kind} {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(f"{path} is not a labelenc {kind} (no format_version)")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has {kind} format version {payload['format_version']}; this labelenc reads version {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest periodic checkpoint named in ``output_dir/last_checkpoint``, if any."""
+    pointer = Path(output_dir) / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    return path if path.is_file() else None

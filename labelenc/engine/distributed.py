@@ -1,0 +1,48 @@
+"""Process-group helpers: one place decides rank, world size and which process writes files."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from labelenc.errors import UserError
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group started by ``torchrun`` (no-op for a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def local_device(requested: str) -> torch.device:
+    """The device this process trains on; ``cuda`` on a machine without a GPU is a clear error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda was requested but no CUDA device is available; use train.device=cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (a list with one entry when not distributed)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

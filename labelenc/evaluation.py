@@ -1,0 +1,126 @@
+"""COCO-style evaluation of torchvision detections, delegated to pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchvision.ops import box_convert
+
+__all__ = ["CocoEvaluator", "IOU_TYPES", "METRICS"]
+
+IOU_TYPES = ("bbox", "segm")
+# Names of the first six entries of COCOeval.stats, in order.
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+MASK_THRESHOLD = 0.5
+
+
+class CocoEvaluator:
+    """Accumulates torchvision predictions and scores them with pycocotools COCOeval.
+
+    Args:
+        coco_gt: ground truth of the evaluated split.
+        label_to_category: COCO category id of each model label (label ``i`` is category
+            ``label_to_category[i]``); ``None`` marks the background label (torchvision's 0),
+            whose detections are not scored.
+        iou_types: subset of ``IOU_TYPES``; ``"segm"`` needs ``"masks"`` in the predictions.
+
+    ``update`` takes one torchvision eval-mode output per image, in original image
+    coordinates: ``"boxes"`` [K, 4] xyxy, ``"scores"`` [K], ``"labels"`` [K] int64 and,
+    for ``"segm"``, ``"masks"`` [K, 1, H, W] probabilities (binarised at 0.5).
+    Converted detections are kept as plain COCO result dicts in ``self.results[iou_type]``
+    and the seen image ids in ``self.image_ids``, so they can be gathered across processes.
+
+    ``summarize`` returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` as
+    floats in [0, 1], computed on the seen images only (images without detections count).
+    A value is -1.0 where pycocotools has no ground truth to score (e.g. no small objects).
+    With no detection at all every value is 0.0.
+    """
+
+    def __init__(
+        self,
+        coco_gt: COCO,
+        label_to_category: Sequence[int | None],
+        iou_types: Sequence[str] = ("bbox",),
+    ) -> None:
+        unknown = [t for t in iou_types if t not in IOU_TYPES]
+        if unknown:
+            raise ValueError(f"unknown iou_types {unknown}; allowed values are {IOU_TYPES}")
+        missing = sorted(set(label_to_category) - set(coco_gt.getCatIds()) - {None})
+        if missing:
+            raise ValueError(f"label_to_category holds ids {missing} that are not categories of the ground truth")
+        self.coco_gt = coco_gt
+        self.label_to_category = [None if c is None else int(c) for c in label_to_category]
+        self.iou_types = tuple(iou_types)
+        self.image_ids: set[int] = set()
+        self.results: dict[str, list[dict[str, Any]]] = {t: [] for t in self.iou_types}
+
+    def update(self, image_ids: Sequence[int], predictions: Sequence[dict[str, Tensor]]) -> None:
+        """Convert one batch of per-image predictions to COCO result dicts and store them."""
+        if len(image_ids) != len(predictions):
+            raise ValueError(f"got {len(image_ids)} image ids for {len(predictions)} predictions")
+        for image_id, prediction in zip(image_ids, predictions):
+            image_id = int(image_id)
+            self.image_ids.add(image_id)
+            labels = prediction["labels"].tolist()
+            if any(not 0 <= label < len(self.label_to_category) for label in labels):
+                raise ValueError(f"labels must lie in [0, {len(self.label_to_category)}), got {labels}")
+            keep = [i for i, label in enumerate(labels) if self.label_to_category[label] is not None]
+            if not keep:
+                continue
+            scores = prediction["scores"].tolist()
+            common = [
+                {"image_id": image_id, "category_id": self.label_to_category[labels[i]], "score": scores[i]}
+                for i in keep
+            ]
+            if "bbox" in self.iou_types:
+                boxes = box_convert(prediction["boxes"][keep].detach().cpu(), "xyxy", "xywh").tolist()
+                self.results["bbox"].extend(r | {"bbox": box} for r, box in zip(common, boxes))
+            if "segm" in self.iou_types:
+                self.results["segm"].extend(
+                    r | {"segmentation": rle} for r, rle in zip(common, _encode_masks(prediction["masks"][keep]))
+                )
+
+    def state(self) -> dict[str, Any]:
+        """Plain-data results of this process, to be gathered and passed to :meth:`merge` on the main one."""
+        return {"image_ids": sorted(self.image_ids), "results": self.results}
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """Replace this evaluator's results with the union of every process's :meth:`state`."""
+        self.image_ids = {i for state in states for i in state["image_ids"]}
+        self.results = {t: [r for state in states for r in state["results"][t]] for t in self.iou_types}
+
+    def summarize(self) -> dict[str, dict[str, float]]:
+        """Run COCOeval on the seen images for each iou type and return the six AP metrics."""
+        return {iou_type: self._summarize(iou_type) for iou_type in self.iou_types}
+
+    def _summarize(self, iou_type: str) -> dict[str, float]:
+        results = self.results[iou_type]
+        if not results:  # loadRes cannot take an empty list
+            return dict.fromkeys(METRICS, 0.0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            # loadRes adds keys to the dicts it gets: hand it copies so self.results stays gatherable.
+            coco_dt = self.coco_gt.loadRes([dict(r) for r in results])
+            coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
+            coco_eval.params.imgIds = sorted(self.image_ids)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        print(f"COCO {iou_type} evaluation on {len(self.image_ids)} images:")
+        coco_eval.summarize()
+        return {name: float(value) for name, value in zip(METRICS, coco_eval.stats)}
+
+
+def _encode_masks(masks: Tensor) -> list[dict[str, Any]]:
+    """Binarise [K, 1, H, W] mask probabilities and encode them as COCO RLEs with str counts."""
+    binary = (masks[:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
