@@ -80,10 +80,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     image_h, image_w = args.height, args.width - 16  # the unpadded image inside the padded frame
+    device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     print(f"date {datetime.date.today()}, processor {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"threads {torch.get_num_threads()}, frame {args.batch} x {args.num_classes} x {args.height} x {args.width}\n")
+          f"torch {torch.__version__}, device {device_name}, threads {torch.get_num_threads()}, "
+          f"frame {args.batch} x {args.num_classes} x {args.height} x {args.width}\n")
     print("| boxes/image | method | ms | ratio | output MB | ratio |")
     print("|---|---|---|---|---|---|")
     for boxes_per_image in args.boxes:

@@ -68,6 +68,13 @@ def build_label_encoder(meta: dict) -> LabelEncoder:
     )
 
 
+def encoder_from_artifact(artifact: dict) -> LabelEncoder:
+    """The trained h stored in an artifact, ready to be frozen in Step 2."""
+    encoder = build_label_encoder(artifact["meta"])
+    encoder.load_state_dict(artifact["encoder"])
+    return encoder
+
+
 def init_detector_from_artifact(detector: nn.Module, artifact: dict) -> dict[str, list[str]]:
     """Step-2 initialisation: the head(s) strictly from Step 1, and the FPN tensors of h whose shapes match.
 

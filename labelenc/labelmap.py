@@ -54,21 +54,18 @@ def render_label_maps(
     if n == 0:
         return out.view(0, num_channels, height, width)
 
-    counts = torch.tensor([len(b) for b in boxes], device=device)
     box = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float32)
-    image = torch.repeat_interleave(torch.arange(n, device=device), counts)
+    image = torch.repeat_interleave(torch.tensor([len(b) for b in boxes], device=device))
     channel = channel_of_class[torch.cat(list(labels)).to(device)]
     factor = None
     if box_jitter:
         factor = (2 * torch.rand(len(box), generator=generator, device=device)).clamp(max=1)
 
     # The region a box may be drawn into: the frame, or the mask's extent (outside it the value is 0 anyway).
-    frame_h = torch.full_like(counts, height)
-    frame_w = torch.full_like(counts, width)
+    extents = [(height, width)] * n
     if masks is not None:
-        frame_h = frame_h.clamp(max=torch.tensor([m.shape[-2] for m in masks], device=device))
-        frame_w = frame_w.clamp(max=torch.tensor([m.shape[-1] for m in masks], device=device))
-    frame_h, frame_w = frame_h[image], frame_w[image]
+        extents = [(min(height, m.shape[-2]), min(width, m.shape[-1])) for m in masks]
+    frame_h, frame_w = torch.tensor(extents, device=device)[image].unbind(1)
 
     x1, y1, x2, y2 = box.unbind(1)
     cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
@@ -79,25 +76,36 @@ def render_label_maps(
     top = (y1.clamp(-1, height).ceil() - 1).long().clamp(min=0)
     bottom = torch.minimum((y2.clamp(-1, height).floor() + 1).long(), frame_h - 1)
     cols = (right - left + 1).clamp(min=0)
-    rows = (bottom - top + 1).clamp(min=0)
-    area = torch.where((w > 0) & (h > 0) & (channel >= 0), rows * cols, 0)
+    rows = torch.where((w > 0) & (h > 0) & (channel >= 0), bottom - top + 1, 0).clamp(min=0)
 
-    # Enumerate every window pixel of every box: pixel p belongs to box b and is the k-th pixel of its window.
-    b = torch.repeat_interleave(torch.arange(len(box), device=device), area)
-    k = torch.arange(len(b), device=device) - (torch.cumsum(area, 0) - area)[b]
-    y = top[b] + torch.div(k, cols[b], rounding_mode="floor")
-    x = left[b] + k % cols[b]
-    v = 1 - torch.maximum((x - cx[b]).abs() / w[b], (y - cy[b]).abs() / h[b])
+    # v is separable: 1 - max(dx(column), dy(row)). Enumerate the window columns and rows of all boxes, then the
+    # pixels of every (box, row) segment as ranges of that box's columns.
+    col_x, col_box = _ranges(left, cols)
+    dx = (col_x - cx[col_box]).abs() / w[col_box]
+    row_y, row_box = _ranges(top, rows)
+    dy = (row_y - cy[row_box]).abs() / h[row_box]
+    # Per-pixel gathers use index_select, several times faster than [] indexing on CPU.
+    col_of_pixel, row_of_pixel = _ranges((torch.cumsum(cols, 0) - cols)[row_box], cols[row_box])
+    x = col_x.index_select(0, col_of_pixel)
+    v = 1 - torch.maximum(dx.index_select(0, col_of_pixel), dy.index_select(0, row_of_pixel))
     v = torch.where(v >= 0.5, v, 0)
     if masks is not None:
         mask_sizes = [m.shape[-2] * m.shape[-1] for m in masks for _ in range(len(m))]
         mask_start = torch.cumsum(torch.tensor([0] + mask_sizes[:-1], device=device), 0)
-        flat_masks = torch.cat([m.reshape(-1) for m in masks]).to(device=device, dtype=torch.float32)
+        flat_masks = torch.cat([m.reshape(-1) for m in masks]).to(device)
         mask_w = torch.tensor([m.shape[-1] for m in masks], device=device)[image]
-        v = v * flat_masks[mask_start[b] + y * mask_w[b] + x]
+        mask_row = mask_start[row_box] + row_y * mask_w[row_box]
+        v = v * flat_masks.index_select(0, mask_row.index_select(0, row_of_pixel) + x).float()
     if factor is not None:
-        v = v * factor[b]
+        v = v * factor[row_box].index_select(0, row_of_pixel)
 
-    index = ((image[b] * num_channels + channel[b]) * height + y) * width + x
-    out.scatter_reduce_(0, index, v.to(dtype), reduce="amax")
+    out_row = ((image * num_channels + channel)[row_box] * height + row_y) * width
+    out.scatter_reduce_(0, out_row.index_select(0, row_of_pixel) + x, v.to(dtype), reduce="amax")
     return out.view(n, num_channels, height, width)
+
+
+def _ranges(starts: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Concatenate the integer ranges [start, start + length); also return the index of the range of each value."""
+    owner = torch.repeat_interleave(lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(len(owner), device=lengths.device) + (starts - first).index_select(0, owner), owner

@@ -56,7 +56,7 @@ def run_pipeline(
     root = Path(cfg.output_dir)
     results: dict[str, list[dict]] = {row: [] for row, *_ in RUNS}
     for seed in seeds:
-        seed_dir = root / f"seed{seed}" if len(seeds) > 1 else root
+        seed_dir = root / f"seed{seed}"  # per seed, so a later multi-seed call reuses finished runs
         encoder_path = label_encoder
         for row, name, stage, schedule in RUNS:
             if (skip_baselines and stage == "baseline") or (stage == "step1" and label_encoder):

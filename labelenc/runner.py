@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from labelenc.artifact import (
     build_label_encoder,
     check_compatible,
+    encoder_from_artifact,
     encoder_metadata,
     init_detector_from_artifact,
     load_label_encoder,
@@ -108,14 +109,27 @@ def _num_classes(cfg: Config, train_set: CocoDetection) -> int:
     return train_set.num_classes
 
 
-def _objective(cfg: Config, stage: Stage, detector: nn.Module, train_set: CocoDetection, label_encoder: str | None):
-    """The training module of ``stage`` around ``detector``, its loss-weight schedules and its length."""
+@dataclass
+class Objective:
+    """What a stage trains: the module around the detector, its loss-weight schedules and its length."""
+
+    model: nn.Module
+    weight_schedules: dict
+    max_iter: int
+    lr_offset: int  # iterations before the 1x schedule starts (Step-1 warm-up): the LR decays move back by it
+    meta: dict  # label-encoder metadata of this run
+
+
+def build_objective(
+    cfg: Config, stage: Stage, detector: nn.Module, train_set: CocoDetection, label_encoder: str | None
+) -> Objective:
+    """Baseline, Step 1 (Eq. 9, with its warm-up) or Step 2 (Eq. 7, with its cut-off) around ``detector``."""
     method, total = cfg.labelenc, cfg.train.max_iters
     meta = encoder_metadata(
         cfg.model.family, train_set.class_names, cfg.model.fpn_channels, method.encoder_width, cfg.model.backbone
     )
     if stage == "baseline":
-        return Baseline(detector), {}, total, 0, meta
+        return Objective(Baseline(detector), {}, total, 0, meta)
     if stage == "step1":
         warmup = round(method.step1_warmup * cfg.train.base_iters)
         model = Step1(
@@ -126,17 +140,16 @@ def _objective(cfg: Config, stage: Stage, detector: nn.Module, train_set: CocoDe
             method.distance_weight,
             method.box_jitter,
         )
-        return model, {"distance": weight_on_between(warmup, warmup + total, method.distance_weight)}, warmup + total, warmup, meta
+        distance = weight_on_between(warmup, warmup + total, method.distance_weight)
+        return Objective(model, {"distance": distance}, warmup + total, warmup, meta)
     if label_encoder is None:
         raise UserError("step2 needs a label encoder file (--label-encoder FILE) written by step1")
     artifact = load_label_encoder(label_encoder)
     check_compatible(artifact["meta"], meta, label_encoder)
-    encoder = build_label_encoder(artifact["meta"])
-    encoder.load_state_dict(artifact["encoder"])
     init_detector_from_artifact(detector, artifact)
+    model = Step2(detector, encoder_from_artifact(artifact), method.distance_weight)
     cutoff = total - round(method.distance_cutoff * total)
-    model = Step2(detector, encoder, method.distance_weight)
-    return model, {"distance": weight_on_between(0, cutoff, method.distance_weight)}, total, 0, artifact["meta"]
+    return Objective(model, {"distance": weight_on_between(0, cutoff, method.distance_weight)}, total, 0, artifact["meta"])
 
 
 def train(
@@ -160,8 +173,8 @@ def train(
     family = FAMILIES[cfg.model.family]
     train_set, val_set = build_datasets(cfg, with_masks=family.with_masks)
     detector = build_detector(cfg.model, _num_classes(cfg, train_set))
-    model, weight_schedules, max_iter, lr_offset, meta = _objective(cfg, stage, detector, train_set, label_encoder)
-    model.to(device)
+    objective = build_objective(cfg, stage, detector, train_set, label_encoder)
+    model, max_iter = objective.model.to(device), objective.max_iter
 
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(cfg.train.base_lr, cfg.train.reference_batch_size, cfg.train.batch_size)
@@ -170,20 +183,24 @@ def train(
         stage, max_iter, cfg.train.batch_size, get_world_size(), lr, cfg.train.base_lr, cfg.train.reference_batch_size,
     )
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-    milestones = cfg.train.decay_milestones(cfg.train.max_iters, offset=lr_offset)
+    milestones = cfg.train.decay_milestones(cfg.train.max_iters, offset=objective.lr_offset)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupMultiStep(milestones, cfg.train.warmup_iters, cfg.train.warmup_factor)
     )
     extra = {"config": cfg.model_dump(mode="json"), "stage": stage}
     checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra)
-    start_iter = checkpointer.resume() if resume and latest_checkpoint(output_dir) else 0
+    start_iter = 0
+    if resume and latest_checkpoint(output_dir) is not None:
+        start_iter = checkpointer.resume()
+    elif resume:
+        logger.info("--resume: no checkpoint in %s yet, starting at iteration 0", output_dir)
 
     trained = model
     if get_world_size() > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=stage != "baseline")
     hooks = [
-        LossWeights(weight_schedules),
+        LossWeights(objective.weight_schedules),
         LRScheduler(scheduler),
         PeriodicCheckpoint(checkpointer, cfg.train.checkpoint_period),
         MetricsWriter(output_dir, cfg.train.log_period),
@@ -198,7 +215,7 @@ def train(
     if is_main_process():
         save_file({"kind": "detector", "model": detector.state_dict(), **extra}, weights)
         if encoder_path is not None:
-            save_label_encoder(encoder_path, model.encoder, detector, meta, extra["config"])
+            save_label_encoder(encoder_path, model.encoder, detector, objective.meta, extra["config"])
     metrics = evaluate_detector(detector, val_set, device, _iou_types(cfg), cfg.train.batch_size, cfg.data.num_workers)
     wall_time = time.perf_counter() - start_time
     if is_main_process():

@@ -31,10 +31,10 @@ def oracle(boxes, labels, num_classes, height, width, masks=None, factors=None):
     return out
 
 
-def random_boxes(n, height, width, g, spread=1.5):
+def random_boxes(n, height, width, g):
     """Boxes of all sizes (some sub-pixel, some degenerate), partly outside the frame, half with integer corners."""
-    x1 = (torch.rand(n, generator=g) * spread - (spread - 1) / 2) * width
-    y1 = (torch.rand(n, generator=g) * spread - (spread - 1) / 2) * height
+    x1 = (torch.rand(n, generator=g) * 1.5 - 0.25) * width
+    y1 = (torch.rand(n, generator=g) * 1.5 - 0.25) * height
     bw = torch.rand(n, generator=g) ** 2 * width * 0.8 - 0.05 * width
     bh = torch.rand(n, generator=g) ** 2 * height * 0.8 - 0.05 * height
     boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from labelenc.config import Config
 from labelenc.data.coco import CocoDetection
+from labelenc.errors import UserError
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -88,6 +89,8 @@ def build_train_loader(
     dataset: CocoDetection, cfg: Config, start_iter: int, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
     """Endless loader of per-process batches that resumes at ``start_iter`` with the same data order."""
+    if cfg.train.batch_size % world_size:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes")
     batch = cfg.train.batch_size // world_size
     stream = SeededStream(dataset, train_transforms(cfg.data.flip_prob), cfg.train.seed)
     sampler = StreamSampler(start_iter * cfg.train.batch_size, rank, world_size)

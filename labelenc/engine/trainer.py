@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file
-from labelenc.engine.distributed import get_world_size, is_main_process
+from labelenc.engine.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -268,10 +268,3 @@ class ProgressBar(Hook):
 def scaled_lr(base_lr: float, reference_batch: int, batch_size: int) -> float:
     """Linear scaling rule: the base LR is given for ``reference_batch`` images per iteration."""
     return base_lr * batch_size / reference_batch
-
-
-def per_process_batch(batch_size: int) -> int:
-    world = get_world_size()
-    if batch_size % world:
-        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
-    return batch_size // world
