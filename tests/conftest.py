@@ -10,7 +10,7 @@ import torch
 from labelenc.config import Config, build_config
 from labelenc.data.synth import generate_synthetic_dataset
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and lose a lot on a loaded machine
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,13 @@ def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
         raise CheckpointError(f"{kind} file not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated archives, pickled code, foreign formats
-        raise CheckpointError(f"cannot load {kind} {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"refusing to load {kind} {path}: it holds Python objects other than tensors and plain data, "
+            "or is corrupt; labelenc never executes code from a file"
+        ) from None
+    except Exception as err:  # truncated archives, empty files, foreign formats
+        raise CheckpointError(f"cannot load {kind} {path}: truncated or not a torch file ({type(err).__name__})") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path} is not a labelenc {kind} (no format_version)")
     if payload["format_version"] != FORMAT_VERSION:

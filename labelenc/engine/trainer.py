@@ -197,14 +197,14 @@ class MetricsWriter(Hook):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.period = period
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
         self.tensorboard = None
 
     def before_train(self, trainer: Trainer) -> None:
         if not is_main_process():
             return
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["iteration"] <= trainer.iter]
+        if self.path.exists():  # a killed run may leave records past its checkpoint, or a torn last line
+            kept = [ln for ln in self.path.read_text().splitlines() if _iteration_of(ln) <= trainer.iter]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -216,11 +216,11 @@ class MetricsWriter(Hook):
     def after_step(self, trainer: Trainer) -> None:
         for k, v in trainer.metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
         done = trainer.iter + 1
         if (done % self.period and done != trainer.max_iter) or not is_main_process():
             return
-        record = {"iteration": done, **{k: v / self.count for k, v in self.sums.items()}}
+        record = {"iteration": done, **{k: v / self.counts[k] for k, v in self.sums.items()}}
         record["lr"] = trainer.metrics["lr"]
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -228,11 +228,18 @@ class MetricsWriter(Hook):
             for k, v in record.items():
                 if k != "iteration":
                     self.tensorboard.add_scalar(k, v, done)
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
 
     def after_train(self, trainer: Trainer) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _iteration_of(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class ProgressBar(Hook):
