@@ -78,7 +78,8 @@ def encoder_from_artifact(artifact: dict) -> LabelEncoder:
 def init_detector_from_artifact(detector: nn.Module, artifact: dict) -> dict[str, list[str]]:
     """Step-2 initialisation: the head(s) strictly from Step 1, and the FPN tensors of h whose shapes match.
 
-    Returns ``{"copied": [...], "skipped": [...]}`` of FPN tensor names; a head that does not load is an error.
+    Returns ``{"copied": [...], "skipped": [...]}`` of FPN tensor names (layers whose tensors all match are copied
+    whole); a head that does not load is an error.
     """
     for name, state in artifact["heads"].items():
         try:
@@ -87,7 +88,15 @@ def init_detector_from_artifact(detector: nn.Module, artifact: dict) -> dict[str
             raise IncompatibleLabelEncoder(f"the Step-1 {name} does not load into this detector: {err}") from None
     fpn = detector.backbone.fpn.state_dict()
     source = {k[len("fpn."):]: v for k, v in artifact["encoder"].items() if k.startswith("fpn.")}
-    copied = [k for k, v in source.items() if k in fpn and fpn[k].shape == v.shape]
+    layers: dict[str, list[str]] = {}
+    for key in fpn:  # a layer is copied whole or not at all (a bias without its weight means nothing)
+        layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    copied = [
+        k
+        for keys in layers.values()
+        if all(k in source and source[k].shape == fpn[k].shape for k in keys)
+        for k in keys
+    ]
     skipped = sorted(set(fpn) - set(copied))
     detector.backbone.fpn.load_state_dict({**fpn, **{k: source[k] for k in copied}})
     logger.info("Step-2 init: loaded %s from the label encoder", ", ".join(artifact["heads"]))

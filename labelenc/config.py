@@ -41,9 +41,11 @@ class ModelConfig(_Strict):
     detections_per_image: int = Field(100, ge=1)
 
     @model_validator(mode="after")
-    def _check_anchors(self) -> ModelConfig:
-        if self.anchor_sizes is not None and self.family == "fcos":
+    def _check_family_options(self) -> ModelConfig:
+        if self.family == "fcos" and self.anchor_sizes is not None:
             raise ValueError("model.anchor_sizes does not apply to fcos (its points follow the FPN strides)")
+        if self.family == "fcos" and self.fpn_channels % 32:
+            raise ValueError("model.fpn_channels must be a multiple of 32 for fcos (its head uses GroupNorm(32))")
         return self
 
 

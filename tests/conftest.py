@@ -27,7 +27,7 @@ def tiny_raw(synth_root: Path, output_dir: Path, family: str = "retinanet") -> d
         "model": {
             "family": family,
             "backbone": "resnet18",
-            "fpn_channels": 16,
+            "fpn_channels": 32 if family == "fcos" else 16,  # FCOS's head uses GroupNorm(32)
             "min_size": 64,
             "max_size": 64,
             "anchor_sizes": None if family == "fcos" else [8, 16, 32, 64, 128],
