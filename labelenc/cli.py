@@ -115,6 +115,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     _print_metrics(result.metrics)
 
 
+def _without_worker_traceback(message: str) -> str:
+    """A DataLoader worker re-raises our error with its traceback in the message: keep the error's own text."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -122,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _dispatch(args)
     except UserError as err:
-        print(f"labelenc: error: {err}", file=sys.stderr)
+        print(f"labelenc: error: {_without_worker_traceback(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelenc: interrupted", file=sys.stderr)

@@ -46,6 +46,11 @@ class ModelConfig(_Strict):
             raise ValueError("model.anchor_sizes does not apply to fcos (its points follow the FPN strides)")
         if self.family == "fcos" and self.fpn_channels % 32:
             raise ValueError("model.fpn_channels must be a multiple of 32 for fcos (its head uses GroupNorm(32))")
+        if self.anchor_sizes is not None and len(self.anchor_sizes) != 5:
+            raise ValueError(f"model.anchor_sizes needs 5 sizes (one per pyramid level), got {len(self.anchor_sizes)}")
+        most = 6 if self.backbone.startswith("mobilenet") else 5
+        if self.trainable_layers is not None and self.trainable_layers > most:
+            raise ValueError(f"model.trainable_layers must be at most {most} for {self.backbone}")
         return self
 
 
@@ -75,6 +80,9 @@ class TrainConfig(_Strict):
         (2 / 3, 8 / 9), description="LR x0.1 at these fractions of the schedule."
     )
     grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm; None: no clipping.")
+    max_bad_steps: int = Field(
+        5, ge=1, description="Iterations with a non-finite loss are skipped; this many in a row end the run."
+    )
     checkpoint_period: int = Field(5000, ge=1)
     log_period: int = Field(20, ge=1)
     seed: int = 0

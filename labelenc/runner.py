@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from labelenc.artifact import (
 from labelenc.config import Config, save_config
 from labelenc.data.coco import CocoDetection
 from labelenc.data.loader import build_datasets, build_eval_loader, build_train_loader
-from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file
+from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file, write_text_atomic
 from labelenc.engine.distributed import all_gather_objects, get_rank, get_world_size, init_distributed, is_main_process, local_device
 from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
 from labelenc.engine.trainer import (
@@ -80,8 +81,9 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     if is_main_process():
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=output_dir).close()
         except OSError as err:
-            raise RunDirError(f"cannot create output directory {output_dir}: {err.strerror}") from None
+            raise RunDirError(f"output directory {output_dir} is not writable: {err.strerror}") from None
 
 
 def _configure_logging(output_dir: Path) -> None:
@@ -207,7 +209,9 @@ def train(
         ProgressBar(f"{stage} {output_dir.name}"),
     ]
     loader = build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size())
-    trainer = Trainer(trained, optimizer, loader, max_iter, device, hooks, cfg.train.grad_clip, cfg.train.amp)
+    trainer = Trainer(
+        trained, optimizer, loader, max_iter, device, hooks, cfg.train.grad_clip, cfg.train.amp, cfg.train.max_bad_steps
+    )
     trainer.train(start_iter)
 
     weights = output_dir / FINAL_WEIGHTS
@@ -221,7 +225,7 @@ def train(
     if is_main_process():
         write_eval(weights, metrics)
         summary = {"stage": stage, "iterations": max_iter, "wall_time": wall_time, "metrics": metrics}
-        (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(output_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return RunResult(output_dir, weights, metrics, wall_time, encoder_path)
 
 
@@ -273,5 +277,5 @@ def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
 def write_eval(weights: Path, metrics: dict) -> Path:
     """Save COCO metrics as JSON beside the weights they belong to."""
     path = weights.with_name(weights.stem + "_eval.json")
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
     return path

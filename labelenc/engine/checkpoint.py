@@ -6,7 +6,8 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -20,21 +21,30 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the file."""
 
 
-def save_file(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` (tensors and plain data) to ``path`` atomically: temp file, fsync, rename."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**payload, "format_version": FORMAT_VERSION, "labelenc_version": __version__}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_file(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` (tensors and plain data) to ``path`` atomically, stamped with the format version."""
+    payload = {**payload, "format_version": FORMAT_VERSION, "labelenc_version": __version__}
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a small text file (pointer, JSON summary) so that a crash leaves the old or the new one whole."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
@@ -61,9 +71,12 @@ def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest periodic checkpoint named in ``output_dir/last_checkpoint``, if any."""
-    pointer = Path(output_dir) / "last_checkpoint"
-    if not pointer.is_file():
-        return None
-    path = Path(output_dir) / pointer.read_text().strip()
-    return path if path.is_file() else None
+    """The checkpoint named in ``output_dir/last_checkpoint``, else the newest ``checkpoint_*.pth``, else None."""
+    output_dir = Path(output_dir)
+    pointer = output_dir / "last_checkpoint"
+    if pointer.is_file() and pointer.read_text().strip():
+        path = output_dir / pointer.read_text().strip()
+        if path.is_file():
+            return path
+    found = sorted(output_dir.glob("checkpoint_*.pth"))
+    return found[-1] if found else None

@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file
+from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file, write_text_atomic
 from labelenc.engine.distributed import is_main_process
+from labelenc.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ def move_to_device(batch: tuple[list, list], device: torch.device) -> tuple[list
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged: too many consecutive non-finite losses."""
 
 
 class Hook:
@@ -60,12 +65,15 @@ class Trainer:
         hooks: list[Hook] = (),
         grad_clip: float | None = None,
         amp: bool = False,
+        max_bad_steps: int = 5,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.max_iter, self.device = max_iter, device
         self.hooks = list(hooks)
         self.grad_clip = grad_clip
         self.amp = amp and device.type == "cuda"
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0  # consecutive iterations skipped for a non-finite loss or gradient
         self.iter = 0
         self.metrics: dict[str, float] = {}
 
@@ -73,16 +81,18 @@ class Trainer:
         self.iter = start_iter
         for hook in self.hooks:
             hook.before_train(self)
-        data_iter = iter(self.data)
-        while self.iter < self.max_iter:
+        try:
+            data_iter = iter(self.data)
+            while self.iter < self.max_iter:
+                for hook in self.hooks:
+                    hook.before_step(self)
+                self.run_step(data_iter)
+                for hook in self.hooks:
+                    hook.after_step(self)
+                self.iter += 1
+        finally:  # progress bar and writers are closed on failure too
             for hook in self.hooks:
-                hook.before_step(self)
-            self.run_step(data_iter)
-            for hook in self.hooks:
-                hook.after_step(self)
-            self.iter += 1
-        for hook in self.hooks:
-            hook.after_train(self)
+                hook.after_train(self)
 
     def run_step(self, data_iter: Iterator) -> None:
         self.model.train()
@@ -92,22 +102,40 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss_dict = self.model(images, targets)
         loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise FloatingPointError(f"non-finite loss at iteration {self.iter}: {terms}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+        if not bad:
+            loss.backward()
+            if self.grad_clip is not None:
+                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)):
+                    bad = ["gradient norm"]
+        if bad:
+            self._skip_step(bad, loss_dict)
+        else:
+            self.bad_steps = 0
+            self.optimizer.step()
         self.metrics = {k: v.detach().item() for k, v in loss_dict.items()}
         self.metrics.update(
             loss=loss.detach().item(),
             lr=self.optimizer.param_groups[0]["lr"],
             time=time.perf_counter() - start,
             data_time=data_time,
+            skipped=float(bool(bad)),
         )
+
+    def _skip_step(self, bad: list[str], loss_dict: dict[str, torch.Tensor]) -> None:
+        """Leave the weights untouched for a non-finite step; end the run after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+        logger.warning("iteration %d skipped: non-finite %s (%s)", self.iter, ", ".join(bad), terms)
+        if self.bad_steps >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive iterations with a non-finite {', '.join(bad)} (last: iteration "
+                f"{self.iter}: {terms}); stopping. The last checkpoint holds the last good weights: lower "
+                "train.base_lr or set train.grad_clip, then --resume."
+            )
 
 
 class LRScheduler(Hook):
@@ -155,7 +183,7 @@ class Checkpointer:
                 },
                 path,
             )
-            (self.output_dir / "last_checkpoint").write_text(path.name)
+            write_text_atomic(self.output_dir / "last_checkpoint", path.name)
         return path
 
     def resume(self) -> int:
@@ -259,7 +287,7 @@ class ProgressBar(Hook):
     def after_step(self, trainer: Trainer) -> None:
         if self.bar is None:
             return
-        skip = {"lr", "time", "data_time"}
+        skip = {"lr", "time", "data_time", "skipped"}
         for k, v in trainer.metrics.items():
             if k not in skip:
                 self.recent.setdefault(k, deque(maxlen=self.window)).append(v)

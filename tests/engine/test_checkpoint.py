@@ -131,11 +131,15 @@ def test_foreign_format_is_refused(tmp_path: Path, payload: object, message: str
     assert str(path) in str(info.value)
 
 
-def test_latest_checkpoint_follows_the_pointer(tmp_path: Path) -> None:
-    """latest_checkpoint is the file named in last_checkpoint, and None without a pointer or a named file."""
+def test_latest_checkpoint_follows_the_pointer_else_the_newest_file(tmp_path: Path) -> None:
+    """latest_checkpoint is the file named in last_checkpoint; with a missing, empty or stale pointer, the newest."""
     assert latest_checkpoint(tmp_path) is None
     save_file({"iteration": 2}, tmp_path / "checkpoint_0000002.pth")
+    save_file({"iteration": 4}, tmp_path / "checkpoint_0000004.pth")
     (tmp_path / "last_checkpoint").write_text("checkpoint_0000002.pth\n")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_0000002.pth"
-    (tmp_path / "last_checkpoint").write_text("checkpoint_0000004.pth")
-    assert latest_checkpoint(tmp_path) is None
+    for pointer in ["checkpoint_0000006.pth", ""]:
+        (tmp_path / "last_checkpoint").write_text(pointer)
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_0000004.pth"
+    (tmp_path / "last_checkpoint").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_0000004.pth"

@@ -23,6 +23,7 @@ from labelenc.engine.trainer import (
     Hook,
     LossWeights,
     LRScheduler,
+    NonFiniteLossError,
     PeriodicCheckpoint,
     Trainer,
 )
@@ -110,21 +111,51 @@ def test_grad_clip_limits_the_global_gradient_norm(clip: float) -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_loss_stops_before_touching_the_weights(bad: float) -> None:
-    """A non-finite loss raises FloatingPointError naming the term and iteration; weights and momentum unchanged."""
+def test_non_finite_losses_are_skipped_then_stop_the_run(bad: float) -> None:
+    """Non-finite steps leave weights and momentum untouched; max_bad_steps in a row raise, naming the term."""
     model = Toy(bad_loss=bad, bad_from=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     snapshots = Record(lambda t: (params_of(t.model), copy.deepcopy(t.optimizer.state_dict())))
-    trainer = Trainer(model, optimizer, toy_batches(), 5, CPU, hooks=[snapshots], grad_clip=1.0)
-    with pytest.raises(FloatingPointError, match="loss_bad") as info:
+    trainer = Trainer(model, optimizer, toy_batches(), 10, CPU, hooks=[snapshots], grad_clip=1.0, max_bad_steps=3)
+    with pytest.raises(NonFiniteLossError, match="loss_bad") as info:
         trainer.train()
-    assert "iteration 1" in str(info.value)
-    assert f"loss_bad={bad}" in str(info.value)
-    assert len(snapshots.seen) == 1  # only the good first step finished
+    assert isinstance(info.value, FloatingPointError)
+    assert "iteration 3" in str(info.value) and f"loss_bad={bad}" in str(info.value)
+    assert len(snapshots.seen) == 3  # the good step 0 and the skipped steps 1, 2 finished
     params, opt_state = snapshots.seen[0]
-    assert all_equal(params_of(model), params)
+    for later, _ in snapshots.seen[1:] + [(params_of(model), None)]:
+        assert all_equal(later, params)
     buffers = [s["momentum_buffer"] for s in optimizer.state_dict()["state"].values()]
     assert all(torch.equal(b, s["momentum_buffer"]) for b, s in zip(buffers, opt_state["state"].values()))
+
+
+class FlakyToy(Toy):
+    """A NaN loss at the listed calls only."""
+
+    def __init__(self, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.bad_calls = bad_calls
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        calls = self.calls
+        losses = super().forward(images, targets)
+        if calls in self.bad_calls:
+            losses["loss_fit"] = losses["loss_fit"] * float("nan")
+        return losses
+
+
+def test_isolated_non_finite_steps_are_skipped_and_training_goes_on() -> None:
+    """Bad steps fewer than max_bad_steps in a row are skipped (weights unchanged) and the run finishes."""
+    model = FlakyToy({1, 2, 4})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = Record(lambda t: (params_of(t.model), t.metrics["skipped"]))
+    Trainer(model, optimizer, toy_batches(), 6, CPU, hooks=[seen], max_bad_steps=3).train()
+    skipped = [flag for _, flag in seen.seen]
+    assert skipped == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    params = [p for p, _ in seen.seen]
+    assert all_equal(params[0], params[1]) and all_equal(params[1], params[2])
+    assert not all_equal(params[2], params[3]) and all_equal(params[3], params[4])
+    assert not all_equal(params[4], params[5])
 
 
 def test_checkpointer_resume_restores_iteration_lr_optimizer_and_rng(tmp_path: Path) -> None:

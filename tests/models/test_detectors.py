@@ -1,0 +1,198 @@
+"""Tests of labelenc.models: the four torchvision detectors learn, the head-loss adapter matches forward, backbones."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from labelenc.data.coco import CocoDetection
+from labelenc.data.loader import collate
+from labelenc.models import FAMILIES, WeightsError, build_detector, family_of, head_losses
+from labelenc.models.backbones import build_backbone
+
+NUM_CLASSES = 3  # the synthetic set of conftest
+# SGD (learning rate, steps) per family for overfitting one batch; Mask R-CNN from scratch needs the gradient clip.
+SCHEDULES = {"retinanet": (0.05, 20), "fcos": (0.02, 15), "faster_rcnn": (0.02, 10), "mask_rcnn": (0.01, 10)}
+GRAD_CLIP = 5.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: on shared cores these small models run several times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batch(synth_root: Path) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Two fixed training images of the synthetic set with boxes, labels and masks."""
+    ds = CocoDetection(synth_root / "annotations/instances_train.json", synth_root / "train", with_masks=True)
+    images, targets = collate([ds[0], ds[1]])
+    assert all(len(t["boxes"]) for t in targets)
+    return images, targets
+
+
+def _targets_for(family: str, targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v for k, v in t.items() if k != "masks" or FAMILIES[family].with_masks} for t in targets]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_detector_overfits_a_fixed_batch(family: str, tiny_config, batch) -> None:
+    """Each family built from the tiny config lowers its total training loss on one batch within a few SGD steps."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(family).model, NUM_CLASSES)
+    assert family_of(model) is FAMILIES[family] and isinstance(model, FAMILIES[family].detector)
+    model.train()
+    images, targets = batch[0], _targets_for(family, batch[1])
+    lr, steps = SCHEDULES[family]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    totals = []
+    for step in range(steps + 1):
+        losses = model(images, targets)
+        total = sum(losses.values())
+        assert torch.isfinite(total), (step, losses)
+        totals.append(total.item())
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+    assert totals[-1] < 0.7 * totals[0], totals
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_head_losses_equal_the_models_own_losses(family: str, tiny_config, batch) -> None:
+    """head_losses on model.transform's output and the backbone's features equals model(images, targets) exactly."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(family).model, NUM_CLASSES).train()
+    images, targets = batch[0], _targets_for(family, batch[1])
+    torch.manual_seed(123)
+    expected = model(images, targets)
+    torch.manual_seed(123)
+    image_list, transformed = model.transform(images, targets)
+    features = model.backbone(image_list.tensors)
+    got = head_losses(model, image_list, features, transformed)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    grads = torch.autograd.grad(sum(got.values()), list(features.values()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0  # the losses are differentiable in the features
+
+
+ONE_STAGE = {"0": 8, "1": 4, "2": 2, "p6": 1, "p7": 1}  # P3..P7 side for a 64-pixel input
+TWO_STAGE = {"0": 16, "1": 8, "2": 4, "3": 2, "pool": 1}  # P2..P6
+BACKBONES = [  # every backbone and family, each layout with both FPN paths (torchvision's 256 and a rebuilt one)
+    ("resnet18", 256, "retinanet"), ("resnet18", 24, "faster_rcnn"), ("resnet34", 32, "fcos"),
+    ("resnet50", 24, "mask_rcnn"), ("resnet101", 24, "retinanet"), ("mobilenet_v3_large", 24, "retinanet"),
+    ("mobilenet_v3_large", 256, "faster_rcnn"),
+]
+
+
+@pytest.mark.parametrize("name, channels, family", BACKBONES, ids=[f"{n}-fpn{c}-{f}" for n, c, f in BACKBONES])
+def test_backbone_pyramid_keys_strides_and_channels(name: str, channels: int, family: str) -> None:
+    """Every backbone gives the family's FPN levels with the configured channels at strides 8..128 or 4..64."""
+    spec = FAMILIES[family]
+    levels = TWO_STAGE if spec.head_modules[0] == "rpn" else ONE_STAGE
+    body = build_backbone(name, None, None, list(spec.returned_layers), channels, spec.extra_blocks).eval()
+    assert body.out_channels == channels
+    assert all(p.requires_grad for p in body.parameters())  # random init: nothing frozen
+    with torch.no_grad():
+        features = body(torch.rand(1, 3, 64, 64))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {k: (1, channels, s, s) for k, s in levels.items()}
+    assert list(features) == list(levels)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "model_key"])
+def test_local_backbone_weights_are_loaded(tiny_config, tmp_path: Path, wrapped: bool) -> None:
+    """backbone_weights=FILE loads that ResNet state dict (also under a 'model' key), frozen BN, stem frozen."""
+    torch.manual_seed(1)
+    state = resnet18().state_dict()
+    state["conv1.weight"] = torch.randn_like(state["conv1.weight"]) + 3.0
+    state["layer4.1.conv2.weight"] = torch.randn_like(state["layer4.1.conv2.weight"]) - 2.0
+    state["bn1.running_mean"] = torch.arange(64, dtype=torch.float32)
+    state["bn1.running_var"] = torch.linspace(0.5, 2.0, 64)
+    path = tmp_path / "r18.pth"
+    torch.save({"model": state} if wrapped else state, path)
+    cfg = tiny_config().model.model_copy(update={"backbone_weights": str(path)})
+    body = build_detector(cfg, NUM_CLASSES).backbone.body
+    assert torch.equal(body.conv1.weight, state["conv1.weight"])
+    assert torch.equal(body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"])
+    assert torch.equal(body.bn1.running_var, state["bn1.running_var"])
+    assert not body.conv1.weight.requires_grad and body.layer4[1].conv2.weight.requires_grad  # torchvision's 3
+
+
+def test_named_weights_missing_from_cache_fail_fast(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchvision weights name not in the local cache is a WeightsError naming the cache path; nothing downloads."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    cfg = tiny_config().model.model_copy(update={"backbone_weights": "IMAGENET1K_V1"})
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as info:
+        build_detector(cfg, NUM_CLASSES)
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert str(home) in message and "resnet18" in message and "never downloads" in message
+    assert not any(p.is_file() for p in home.rglob("*"))
+
+
+def test_unknown_weights_name_lists_the_known_ones(tiny_config) -> None:
+    """A name that is neither a file nor a weights name of the backbone is refused with the valid names."""
+    cfg = tiny_config().model.model_copy(update={"backbone_weights": "IMAGENET_BEST"})
+    with pytest.raises(WeightsError, match="IMAGENET_BEST.*IMAGENET1K_V1"):
+        build_detector(cfg, NUM_CLASSES)
+
+
+class _Opaque:
+    """An object that torch.load(weights_only=True) must refuse to unpickle."""
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"fc9.weight": torch.zeros(3), "conv1.weight": torch.zeros(64, 3, 7, 7)}, "do not fit resnet18"),
+        ({"conv1.weight": torch.zeros(64, 3, 7, 7), "epoch": 3}, "state dict of tensors"),
+        (_Opaque(), "cannot read weights file"),
+        (b"not a torch file", "cannot read weights file"),
+        (None, "weights file not found"),
+    ],
+    ids=["wrong-keys", "non-tensor", "pickled-object", "garbage", "missing"],
+)
+def test_unusable_weights_file_is_a_weights_error(tiny_config, tmp_path: Path, payload: object, message: str) -> None:
+    """A weights file with wrong keys, non-tensors, code, garbage, or none at all is a WeightsError naming it."""
+    path = tmp_path / "bad.pth"
+    if isinstance(payload, bytes):
+        path.write_bytes(payload)
+    elif payload is not None:
+        torch.save(payload, path)
+    cfg = tiny_config().model.model_copy(update={"backbone_weights": str(path)})
+    with pytest.raises(WeightsError, match=message) as info:
+        build_detector(cfg, NUM_CLASSES)
+    assert str(path) in str(info.value)
+
+
+def test_detector_output_in_eval_mode(tiny_config, batch) -> None:
+    """In eval mode a detector returns per-image boxes, scores and labels in 1..C (0 is background)."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config("faster_rcnn").model.model_copy(update={"detections_per_image": 7}),
+                           NUM_CLASSES).eval()
+    assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1
+    with torch.no_grad():
+        outputs = model(batch[0])
+    assert len(outputs) == 2
+    for out in outputs:
+        assert set(out) >= {"boxes", "scores", "labels"} and len(out["boxes"]) <= 7
+        assert ((out["labels"] >= 1) & (out["labels"] <= NUM_CLASSES)).all()
+    assert isinstance(model.backbone.body.bn1, nn.BatchNorm2d)
