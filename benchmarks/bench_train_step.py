@@ -30,7 +30,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from labelenc.artifact import build_label_encoder, encoder_metadata
 from labelenc.config import Config, load_config
 from labelenc.data.loader import build_datasets, build_train_loader
 from labelenc.engine.schedule import WarmupMultiStep
-from labelenc.engine.trainer import Hook, Trainer, move_to_device, scaled_lr
+from labelenc.engine.trainer import Trainer, move_to_device, scaled_lr
 from labelenc.method import Baseline, Step1, Step2
 from labelenc.models import FAMILIES, build_detector
 

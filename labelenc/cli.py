@@ -12,6 +12,11 @@ from labelenc.errors import UserError
 
 EXAMPLES = {
     "synth": "labelenc data synth --out data/synth --seed 0\n  labelenc data synth --out data/big --num-train 2000 --image-size 256",
+    "convert": "labelenc data convert --from voc data/VOCdevkit/VOC2007 --split trainval --out data/voc07_trainval.json\n"
+    "  labelenc data convert --from yolo data/shapes --split train --out data/shapes_train.json --classes circle,square\n"
+    "  labelenc data convert --from yolo data/shapes --out data/shapes.json --classes data/shapes/classes.txt",
+    "check": "labelenc data check configs/demo_cpu.yaml\n  labelenc data check my_voc.yaml --strict\n"
+    "  labelenc data check configs/demo_cpu.yaml data.val.images=/elsewhere/val",
     "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/retinanet_r50_1x.yaml train.batch_size=8 output_dir=runs/r50\n"
     "  labelenc train configs/demo_cpu.yaml --resume",
     "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/baseline_1x/model_final.pth",
@@ -50,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="dataset tools", description="dataset tools")
+    data = sub.add_parser(
+        "data", help="dataset tools: synth, convert, check",
+        description="dataset tools: write the synthetic dataset (synth), convert VOC / YOLO to COCO JSON (convert), "
+        "validate a config's data (check)",
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = _parser("synth", data_sub, "write the embedded synthetic COCO-format dataset (train and val splits)")
     synth.add_argument("--out", required=True, help="output folder")
@@ -59,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-val", type=int, default=64)
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--num-classes", type=int, default=4)
+    convert = _parser(
+        "convert", data_sub,
+        "convert a Pascal VOC or YOLO dataset to one COCO JSON file (validated; boxes clipped, empty ones dropped); "
+        "its image file names are relative to SRC, so use it as {annotations: OUT, images: SRC}",
+    )
+    convert.add_argument("--from", dest="source_format", required=True, choices=["voc", "yolo"],
+                         help="format of SRC")
+    convert.add_argument("src", metavar="SRC", help="voc: a VOC year folder (Annotations/, JPEGImages/, ImageSets/); "
+                         "yolo: the folder holding images/ and labels/")
+    convert.add_argument("--out", required=True, help="COCO JSON file to write")
+    convert.add_argument("--split", default=None,
+                         help="voc: ImageSets/Main/SPLIT.txt (default: all annotations); "
+                         "yolo: images/SPLIT and labels/SPLIT")
+    convert.add_argument("--classes", default=None,
+                         help="class names a,b,c (or a file, one per line) in category-id order; default: voc infers "
+                         "the sorted object names, yolo reads SRC/classes.txt or SRC/data.yaml")
+    check = _parser(
+        "check", data_sub,
+        "validate the train and val data of a config (every image fully decoded): list every problem with its file "
+        "and annotation id; exit 2 on errors (and on warnings with --strict)",
+    )
+    _config_args(check)
+    check.add_argument("--strict", action="store_true", help="warnings (clipped or dropped boxes) fail the check too")
 
     _run_args(_parser("train", sub, "train a plain detector (the baseline) and evaluate it"))
     ev = _parser("eval", sub, "COCO-evaluate a weights file on the config's validation split")
@@ -83,17 +115,64 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{iou_type}: {shown}")
 
 
+def _data_convert(args: argparse.Namespace) -> None:
+    from labelenc.data.formats import parse_class_names, voc_to_coco, write_coco, yolo_to_coco
+    from labelenc.data.validate import DataValidationError, Problem, summarize, validate_coco
+
+    convert = voc_to_coco if args.source_format == "voc" else yolo_to_coco
+    problems: list[Problem] = []
+    dataset = convert(args.src, args.split, parse_class_names(args.classes), problems)
+    cleaned, found = validate_coco(dataset, args.src, args.src, check_pixels=False)
+    problems += found
+    if any(p.severity == "error" for p in problems):
+        raise DataValidationError({args.src: problems})
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    out = write_coco(cleaned, args.out)
+    print(f"{args.src}: {summarize({args.src: problems})}", file=sys.stderr)
+    print(json.dumps({"annotations": str(out), "images": args.src, "num_images": len(cleaned["images"]),
+                      "num_annotations": len(cleaned["annotations"]),
+                      "classes": [c["name"] for c in cleaned["categories"]]}))
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from labelenc.config import load_config
+    from labelenc.data.validate import check_data, report_problems, summarize
+    from labelenc.models.detectors import FAMILIES
+
+    cfg = load_config(args.config, args.overrides)
+    checked = check_data(cfg, need_masks=FAMILIES[cfg.model.family].with_masks, check_pixels=True)
+    report_problems(checked, strict=args.strict or cfg.data.strict, log=False)
+    for split in checked.values():
+        for problem in split.problems:
+            print(problem)
+    summary = summarize({name: split.problems for name, split in checked.items()})
+    images = ", ".join(f"{name}: {len(split.dataset['images'])} images, {len(split.dataset['annotations'])} "
+                       f"annotations" for name, split in checked.items())
+    print(f"data check passed: {summary}; {images}")
+
+
+def _dispatch_data(args: argparse.Namespace) -> None:
+    if args.data_command == "convert":
+        _data_convert(args)
+        return
+    if args.data_command == "check":
+        _data_check(args)
+        return
+    from labelenc.data.synth import generate_synthetic_dataset
+
+    paths = generate_synthetic_dataset(
+        args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+        image_size=args.image_size, num_classes=args.num_classes,
+    )
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     from labelenc.config import load_config
 
     if args.command == "data":
-        from labelenc.data.synth import generate_synthetic_dataset
-
-        paths = generate_synthetic_dataset(
-            args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-            image_size=args.image_size, num_classes=args.num_classes,
-        )
-        print(json.dumps({k: str(v) for k, v in paths.items()}))
+        _dispatch_data(args)
         return
     cfg = load_config(args.config, args.overrides)
     if args.command == "pipeline":

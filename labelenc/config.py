@@ -54,9 +54,48 @@ class ModelConfig(_Strict):
         return self
 
 
+_SPLIT_KEYS = {"coco": ("annotations", "images"), "voc": ("root", "split", "class_names"),
+               "yolo": ("root", "split", "class_names")}
+
+
 class SplitConfig(_Strict):
-    annotations: str = Field(description="COCO-format JSON file.")
-    images: str = Field(description="Folder the JSON's file_name entries are relative to.")
+    format: Literal["coco", "voc", "yolo"] = Field(
+        "coco", description="coco: annotations + images; voc: root [+ split]; yolo: root [+ split] [+ class_names]."
+    )
+    annotations: str | None = Field(None, description="coco: the COCO-format JSON file.")
+    images: str | None = Field(None, description="coco: folder the JSON's file_name entries are relative to.")
+    root: str | None = Field(
+        None,
+        description="voc: a VOC year folder (Annotations/, JPEGImages/, ImageSets/Main/); "
+        "yolo: the folder holding images/ and labels/.",
+    )
+    split: str | None = Field(
+        None,
+        description="voc: ImageSets/Main/<split>.txt lists the images (None: all of Annotations/); "
+        "yolo: images/<split> and labels/<split> (None: images/ and labels/ themselves).",
+    )
+    class_names: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="voc / yolo: the classes, category ids 1..C in this order (yolo: by class index). None: "
+        "voc infers the sorted object names (a val split takes the training classes); yolo reads "
+        "root/classes.txt or the names of root/data.yaml.",
+    )
+
+    @model_validator(mode="after")
+    def _check_format_keys(self) -> SplitConfig:
+        allowed = _SPLIT_KEYS[self.format]
+        required = allowed[:2] if self.format == "coco" else allowed[:1]
+        missing = [k for k in required if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"format {self.format!r} needs {' and '.join(missing)} (it takes {', '.join(allowed)})")
+        keys = _SPLIT_KEYS["coco"] + _SPLIT_KEYS["voc"]
+        extra = [k for k in keys if k not in allowed and getattr(self, k) is not None]
+        if extra:
+            raise ValueError(f"format {self.format!r} does not take {', '.join(extra)} (it takes {', '.join(allowed)})")
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names lists a name more than once: {self.class_names}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -64,6 +103,7 @@ class DataConfig(_Strict):
     val: SplitConfig
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
+    strict: bool = Field(False, description="Data warnings (clipped or dropped boxes) stop the run like errors.")
 
 
 class TrainConfig(_Strict):

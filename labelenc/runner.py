@@ -168,12 +168,12 @@ def train(
     output_dir = Path(cfg.output_dir)
     prepare_output_dir(output_dir, resume, overwrite)
     _configure_logging(output_dir)
-    if is_main_process():
-        save_config(cfg, output_dir / "config.yaml")
     _seed(cfg)
 
     family = FAMILIES[cfg.model.family]
-    train_set, val_set = build_datasets(cfg, with_masks=family.with_masks)
+    train_set, val_set = build_datasets(cfg, with_masks=family.with_masks)  # validates the data first
+    if is_main_process():
+        save_config(cfg, output_dir / "config.yaml")
     detector = build_detector(cfg.model, _num_classes(cfg, train_set))
     objective = build_objective(cfg, stage, detector, train_set, label_encoder)
     model, max_iter = objective.model.to(device), objective.max_iter

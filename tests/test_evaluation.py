@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 import json
-from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util

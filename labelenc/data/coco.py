@@ -25,8 +25,8 @@ class DataError(UserError, ValueError):
     """A dataset file or annotation that cannot be used; the message names the file and annotation."""
 
 
-def load_coco(path: str | Path) -> COCO:
-    """Load a COCO annotation file without pycocotools' prints, failing with the file named."""
+def read_coco_json(path: str | Path) -> dict:
+    """The dict of a COCO annotation file with its ``images``, ``annotations`` and ``categories`` lists."""
     path = Path(path)
     try:
         dataset = json.loads(path.read_text())
@@ -39,11 +39,21 @@ def load_coco(path: str | Path) -> COCO:
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise DataError(f"annotation file {path} has no '{key}' list")
+    return dataset
+
+
+def coco_from_dict(dataset: dict) -> COCO:
+    """A pycocotools ``COCO`` index of an in-memory dataset dict, without pycocotools' prints."""
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def load_coco(path: str | Path) -> COCO:
+    """Load a COCO annotation file without pycocotools' prints, failing with the file named."""
+    return coco_from_dict(read_coco_json(path))
 
 
 class CocoDetection(Dataset):
@@ -54,6 +64,8 @@ class CocoDetection(Dataset):
     the COCO evaluation do (they are ignore regions). Images without annotations are kept as negatives.
     Each item is ``(image float[3, H, W] in [0, 1], {"boxes" xyxy, "labels", "image_id"[, "masks" uint8[K, H, W]]})``
     as ``tv_tensors``, so that ``torchvision.transforms.v2`` transforms boxes and masks with the image.
+    The constructor reads an annotation file as it is; :meth:`from_dataset` takes an in-memory dict, such as the
+    validated and cleaned one ``build_datasets`` makes (see :mod:`labelenc.data.validate`).
     """
 
     def __init__(
@@ -63,9 +75,31 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         categories: list[int] | None = None,
     ) -> None:
-        self.annotation_file = Path(annotations)
-        self.image_dir = Path(images)
-        self.coco = load_coco(annotations)
+        self._setup(load_coco(annotations), Path(annotations), Path(images), with_masks, categories)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: dict,
+        images: str | Path,
+        source: str | Path,
+        with_masks: bool = False,
+        categories: list[int] | None = None,
+    ) -> CocoDetection:
+        """The split of an in-memory COCO dict (e.g. validated and cleaned, or converted from VOC / YOLO).
+
+        ``source`` (the annotation file or dataset folder it came from) names the split in messages.
+        """
+        self = cls.__new__(cls)
+        self._setup(coco_from_dict(dataset), Path(source), Path(images), with_masks, categories)
+        return self
+
+    def _setup(
+        self, coco: COCO, source: Path, images: Path, with_masks: bool, categories: list[int] | None
+    ) -> None:
+        self.annotation_file = source
+        self.image_dir = images
+        self.coco = coco
         self.with_masks = with_masks
         self.image_ids = sorted(self.coco.imgs)
         self.categories = self.coco.loadCats(sorted(self.coco.cats))
@@ -93,7 +127,7 @@ class CocoDetection(Dataset):
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {path} (image id {image_id}): {err}") from None
 
     def load_target(self, image_id: int, height: int, width: int) -> dict[str, torch.Tensor]:
@@ -109,7 +143,7 @@ class CocoDetection(Dataset):
             raise DataError(
                 f"{self.annotation_file}: annotation {bad.get('id')} of image {image_id} has unknown category id {err}"
             ) from None
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & boxes.isfinite().all(dim=1)
         if not keep.all():
             dropped = [a.get("id") for a, k in zip(anns, keep.tolist()) if not k]
             logger.warning("%s: image %s: dropped annotations %s with empty boxes", self.annotation_file, image_id, dropped)

@@ -17,6 +17,8 @@ from torchvision.transforms import v2
 
 from labelenc.config import Config
 from labelenc.data.coco import CocoDetection
+from labelenc.data.validate import check_data, report_problems
+from labelenc.engine.distributed import is_main_process
 from labelenc.errors import UserError
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
@@ -74,11 +76,23 @@ def train_transforms(flip_prob: float) -> v2.Transform | None:
 
 
 def build_datasets(cfg: Config, with_masks: bool) -> tuple[CocoDetection, CocoDetection]:
-    """Training and validation splits of ``cfg.data`` with one shared category mapping."""
-    train = CocoDetection(cfg.data.train.annotations, cfg.data.train.images, with_masks=with_masks)
-    val = CocoDetection(
-        cfg.data.val.annotations,
-        cfg.data.val.images,
+    """Training and validation splits of ``cfg.data`` (COCO, VOC or YOLO), validated, with one category mapping.
+
+    Every image header and annotation is checked first (:mod:`labelenc.data.validate`): warnings (clipped or
+    dropped boxes) are logged one per line; errors, or warnings with ``data.strict``, raise
+    :class:`~labelenc.data.validate.DataValidationError` listing every problem, before any training. The datasets
+    hold the cleaned annotations only, so the training loop never meets one it cannot use.
+    """
+    checked = check_data(cfg, need_masks=with_masks, check_pixels=False)
+    report_problems(checked, strict=cfg.data.strict, log=is_main_process())
+    train_split, val_split = checked["train"], checked["val"]
+    train = CocoDetection.from_dataset(
+        train_split.dataset, train_split.image_dir, train_split.source, with_masks=with_masks
+    )
+    val = CocoDetection.from_dataset(
+        val_split.dataset,
+        val_split.image_dir,
+        val_split.source,
         with_masks=False,
         categories=train.label_to_category[1:],
     )

@@ -1,0 +1,71 @@
+"""The four-run comparison end to end on a tiny CPU config: runs, report files, reuse, seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_raw
+
+from labelenc.config import build_config
+from labelenc.pipeline import RUNS, run_pipeline
+from labelenc.runner import FINAL_WEIGHTS, LABEL_ENCODER, SUMMARY
+
+
+@pytest.fixture
+def tiny_pipeline_config(synth_root: Path, tmp_path: Path):
+    raw = tiny_raw(synth_root, tmp_path / "pipeline")
+    raw["train"].update(base_iters=2, checkpoint_period=100)
+    return build_config(raw)
+
+
+def test_pipeline_runs_all_four_and_reports(tiny_pipeline_config, capsys: pytest.CaptureFixture[str]) -> None:
+    """Baseline 1x/2x, Step 1 and Step 2 run with the right lengths; md/json/png reports hold the four rows."""
+    root = Path(tiny_pipeline_config.output_dir)
+    report = run_pipeline(tiny_pipeline_config, seeds=[0])
+    assert list(report["rows"]) == [row for row, *_ in RUNS]
+    iterations = {row: stats["iterations"] for row, stats in report["rows"].items()}
+    warmup = round(tiny_pipeline_config.labelenc.step1_warmup * 2)
+    assert iterations == {"baseline 1x": 2, "baseline 2x": 4, "step1-only": 2 + warmup, "LabelEnc": 2}
+    for _, name, _, _ in RUNS:
+        run_dir = root / "seed0" / name
+        assert (run_dir / FINAL_WEIGHTS).is_file() and (run_dir / SUMMARY).is_file()
+    assert (root / "seed0" / "step1" / LABEL_ENCODER).is_file()
+    saved = json.loads((root / "report.json").read_text())
+    assert saved["rows"].keys() == report["rows"].keys()
+    markdown = (root / "report.md").read_text()
+    assert all(f"| {row} |" in markdown for row, *_ in RUNS)
+    assert (root / "report.png").stat().st_size > 10_000
+    for row, stats in report["rows"].items():
+        ap = stats["AP"][0]
+        assert 0.0 <= ap <= 100.0
+        assert f"{ap:.1f}" in markdown.split(f"| {row} |")[1].splitlines()[0]
+    assert "| LabelEnc |" in capsys.readouterr().out
+
+
+def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline_config) -> None:
+    """A second call reuses finished runs; several seeds give mean ± std over per-seed runs."""
+    root = Path(tiny_pipeline_config.output_dir)
+    run_pipeline(tiny_pipeline_config, seeds=[0])
+    first = (root / "seed0" / "baseline_1x" / FINAL_WEIGHTS).stat().st_mtime_ns
+    report = run_pipeline(tiny_pipeline_config, seeds=[0, 1])
+    assert (root / "seed0" / "baseline_1x" / FINAL_WEIGHTS).stat().st_mtime_ns == first
+    assert (root / "seed1" / "step2" / FINAL_WEIGHTS).is_file()
+    for row, runs in report["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        values = [100 * r["metrics"]["bbox"]["AP"] for r in runs]
+        mean, std = report["rows"][row]["AP"]
+        assert mean == pytest.approx(sum(values) / 2)
+        assert std == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "±" in (root / "report.md").read_text()
+
+
+def test_pipeline_with_a_given_label_encoder_skips_step1(tiny_pipeline_config, tmp_path: Path) -> None:
+    """--label-encoder reuses a Step-1 file and --skip-baselines runs Step 2 alone."""
+    run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    encoder = Path(tiny_pipeline_config.output_dir) / "seed0" / "step1" / LABEL_ENCODER
+    other = tiny_pipeline_config.model_copy(update={"output_dir": str(tmp_path / "other")})
+    report = run_pipeline(other, seeds=[0], skip_baselines=True, label_encoder=str(encoder))
+    assert list(report["rows"]) == ["LabelEnc"]
+    assert not (tmp_path / "other" / "seed0" / "step1").exists()
