@@ -39,6 +39,7 @@ from labelenc.config import Config, load_config
 from labelenc.data.loader import build_datasets, build_train_loader
 from labelenc.engine.schedule import WarmupMultiStep
 from labelenc.engine.trainer import Trainer, move_to_device, scaled_lr
+from labelenc.errors import UserError
 from labelenc.method import Baseline, Step1, Step2
 from labelenc.models import FAMILIES, build_detector
 
@@ -106,10 +107,6 @@ def device_of(cfg: Config) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def dataset_exists(cfg: Config) -> bool:
-    return Path(cfg.data.train.annotations).is_file() and Path(cfg.data.train.images).is_dir()
-
-
 def synthetic_batch(cfg: Config, num_classes: int, with_masks: bool, g: torch.Generator):
     """Random images (the resize target's size) with 1-8 random boxes of random classes each."""
     height = cfg.model.min_size
@@ -135,16 +132,21 @@ def prepare(cfg: Config, args: argparse.Namespace):
     """The batches (same for every variant, deterministic from the seed), class names and their source."""
     family = FAMILIES[cfg.model.family]
     count = max(1, min(args.warmup + args.iters, args.max_batches))
-    if dataset_exists(cfg) and not args.synthetic:
-        train_set, _ = build_datasets(cfg, with_masks=family.with_masks)
+    train_set = None
+    if not args.synthetic:
+        try:
+            train_set, _ = build_datasets(cfg, with_masks=family.with_masks)
+        except UserError as err:
+            print(f"dataset not usable ({str(err).splitlines()[0]}); using synthetic batches")
+    if train_set is not None:
         loader_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0})})
         batches = list(itertools.islice(build_train_loader(train_set, loader_cfg, start_iter=0), count))
-        names, source = train_set.class_names, f"dataset {cfg.data.train.annotations} ({len(train_set)} images)"
+        names, source = train_set.class_names, f"dataset {train_set.annotation_file} ({len(train_set)} images)"
     else:
         g = torch.Generator().manual_seed(cfg.train.seed)
         batches = [synthetic_batch(cfg, args.num_classes, family.with_masks, g) for _ in range(count)]
         names = [f"class{i}" for i in range(args.num_classes)]
-        source = f"synthetic ({args.num_classes} classes; {cfg.data.train.annotations} not found or --synthetic)"
+        source = f"synthetic ({args.num_classes} classes)"
     return batches, names, source
 
 
