@@ -17,11 +17,8 @@ Usage: python benchmarks/bench_encoder_stem.py [--batch 2] [--ks 3 6 12 80] [--d
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -29,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine_info
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -154,17 +152,7 @@ def main() -> None:
         rows.append(("COCO-like draw", [coco_like_image_labels(args, g) for _ in range(n)]))
     rows += [(f"K={k}", fixed_k_labels(k, args, g)) for k in args.ks]
 
-    info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "node": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-    }
+    info = machine_info(device)
     dist = k_distribution(args)
     warmed: set[tuple[int, ...]] = set()
     stem_rows, e2e_rows = [], []
@@ -192,7 +180,7 @@ def main() -> None:
                                   "gflop": stem_gflop(c), "ms": ms, "runs": runs})
                 del maps_dense
             shape = tuple(maps_compact.shape)
-            ms, runs, _, _ = measure(lambda: body._stem(maps_compact, present), args.repeats, args.budget,
+            ms, runs, _, _ = measure(lambda m=maps_compact: body._stem(m, present), args.repeats, args.budget,
                                      shape not in warmed, device)
             warmed.add(shape)
             stem_rows.append({"input": f"compact ({label})", "k": k, "input_mb": maps_compact.numel() * 4 / 2**20,

@@ -19,20 +19,18 @@ Usage: python benchmarks/bench_train_step.py [--config configs/demo_cpu.yaml] [-
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import itertools
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _common import machine_info
 
 from labelenc.artifact import build_label_encoder, encoder_metadata
 from labelenc.config import Config, load_config
@@ -300,21 +298,6 @@ def run_interleaved(runs: list, steps: int) -> list[dict]:
     return [r.result() for r in runs]
 
 
-def header(device: torch.device) -> dict:
-    info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "node": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-    }
-    return info
-
-
 def main() -> None:
     args = parse_args()
     if args._child:
@@ -324,7 +307,7 @@ def main() -> None:
     cfg = resolve_config(args)
     device = device_of(cfg)
     batches, names, source = prepare(cfg, args)
-    info = header(device)
+    info = machine_info(device)
     subprocesses = not args.in_process
 
     steps = args.warmup + args.iters

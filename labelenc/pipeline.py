@@ -139,8 +139,8 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
     curves.set(xlabel="iteration", ylabel="detection loss (detector's own terms)", title="training loss (first seed)")
     curves.legend()
     bars.bar(names, means, yerr=stds, capsize=4, color=["#999999", "#666666", "#6a9fd8", "#d8823a"][: len(names)])
-    for i, m in enumerate(means):
-        bars.text(i, m, f"{m:.1f}", ha="center", va="bottom")
+    for i, (m, s) in enumerate(zip(means, stds)):
+        bars.text(i, m + s, f"{m:.1f}", ha="center", va="bottom")
     bars.set(ylabel="COCO AP (val)", title="AP")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

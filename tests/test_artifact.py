@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,13 +30,6 @@ NUM_CLASSES = 3
 CLASS_NAMES = ["rectangle", "ellipse", "triangle"]  # the synthetic set's classes, in label order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Run with one intra-op thread: on a shared 2-core machine OpenMP barriers make tiny convs 10-50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def meta_of(cfg: Config, class_names: list[str] = CLASS_NAMES) -> dict:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pycocotools.mask as mask_util
