@@ -17,13 +17,13 @@ EXAMPLES = {
     "  labelenc data convert --from yolo data/shapes --out data/shapes.json --classes data/shapes/classes.txt",
     "check": "labelenc data check configs/demo_cpu.yaml\n  labelenc data check my_voc.yaml --strict\n"
     "  labelenc data check configs/demo_cpu.yaml data.val.images=/elsewhere/val",
-    "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/retinanet_r50_1x.yaml train.batch_size=8 output_dir=runs/r50\n"
+    "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/retinanet_r50_fpn_1x.yaml train.batch_size=8 output_dir=runs/r50\n"
     "  labelenc train configs/demo_cpu.yaml --resume",
-    "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/baseline_1x/model_final.pth",
+    "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
     "step1": "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
     "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2\n"
-    "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/step1/label_encoder.pth",
+    "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
 }
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data", help="dataset tools: synth, convert, check",
         description="dataset tools: write the synthetic dataset (synth), convert VOC / YOLO to COCO JSON (convert), "
         "validate a config's data (check)",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES[k] for k in ("synth", "convert", "check")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = _parser("synth", data_sub, "write the embedded synthetic COCO-format dataset (train and val splits)")
