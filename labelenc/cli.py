@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -206,7 +207,11 @@ def _without_worker_traceback(message: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 logs and prints results
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not main_process:
+        sys.stdout = open(os.devnull, "w")
 
     try:
         _dispatch(args)

@@ -104,6 +104,7 @@ class CocoEvaluator:
     def _summarize(self, iou_type: str) -> dict[str, float]:
         results = self.results[iou_type]
         if not results:  # loadRes cannot take an empty list
+            print(f"COCO {iou_type} evaluation on {len(self.image_ids)} images: no detections, AP 0")
             return dict.fromkeys(METRICS, 0.0)
         with contextlib.redirect_stdout(io.StringIO()):
             # loadRes adds keys to the dicts it gets: hand it copies so self.results stays gatherable.
