@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,12 +15,17 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from labelenc.data.coco import coco_from_dict
+
 __all__ = ["CocoEvaluator", "IOU_TYPES", "METRICS"]
 
 IOU_TYPES = ("bbox", "segm")
 # Names of the first six entries of COCOeval.stats, in order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 MASK_THRESHOLD = 0.5
+NO_GROUND_TRUTH = -1.0  # COCOeval.stats entry with no ground truth to score (e.g. no large objects)
+
+logger = logging.getLogger(__name__)
 
 
 class CocoEvaluator:
@@ -40,8 +46,9 @@ class CocoEvaluator:
 
     ``summarize`` returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` as
     floats in [0, 1], computed on the seen images only (images without detections count).
-    A value is -1.0 where pycocotools has no ground truth to score (e.g. no small objects).
-    With no detection at all every value is 0.0.
+    A value is ``None`` where there is nothing to score: no ground truth in its bucket (e.g. no
+    large objects; pycocotools' -1), or no image seen at all (an empty val split: every value).
+    With no detection at all every value that has ground truth is 0.0.
     """
 
     def __init__(
@@ -97,25 +104,28 @@ class CocoEvaluator:
         self.image_ids = {i for state in states for i in state["image_ids"]}
         self.results = {t: [r for state in states for r in state["results"][t]] for t in self.iou_types}
 
-    def summarize(self) -> dict[str, dict[str, float]]:
-        """Run COCOeval on the seen images for each iou type and return the six AP metrics."""
+    def summarize(self) -> dict[str, dict[str, float | None]]:
+        """Run COCOeval on the seen images for each iou type and return the six AP metrics (None: nothing to score)."""
+        if not self.image_ids:
+            logger.warning("no validation images: nothing was evaluated, every metric is None")
+            return {iou_type: dict.fromkeys(METRICS) for iou_type in self.iou_types}
         return {iou_type: self._summarize(iou_type) for iou_type in self.iou_types}
 
-    def _summarize(self, iou_type: str) -> dict[str, float]:
+    def _summarize(self, iou_type: str) -> dict[str, float | None]:
         results = self.results[iou_type]
-        if not results:  # loadRes cannot take an empty list
-            print(f"COCO {iou_type} evaluation on {len(self.image_ids)} images: no detections, AP 0")
-            return dict.fromkeys(METRICS, 0.0)
         with contextlib.redirect_stdout(io.StringIO()):
-            # loadRes adds keys to the dicts it gets: hand it copies so self.results stays gatherable.
-            coco_dt = self.coco_gt.loadRes([dict(r) for r in results])
+            # loadRes adds keys to the dicts it gets: hand it copies so self.results stays gatherable. It cannot
+            # take an empty list: no detections are an empty result set, which scores 0 where there is ground truth.
+            coco_dt = (self.coco_gt.loadRes([dict(r) for r in results]) if results
+                       else coco_from_dict({"images": [], "annotations": [], "categories": []}))
             coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
             coco_eval.params.imgIds = sorted(self.image_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
-        print(f"COCO {iou_type} evaluation on {len(self.image_ids)} images:")
+        print(f"COCO {iou_type} evaluation on {len(self.image_ids)} images" + (":" if results else ": no detections"))
         coco_eval.summarize()
-        return {name: float(value) for name, value in zip(METRICS, coco_eval.stats)}
+        return {name: None if value == NO_GROUND_TRUTH else float(value)
+                for name, value in zip(METRICS, coco_eval.stats)}
 
 
 def _encode_masks(masks: Tensor) -> list[dict[str, Any]]:

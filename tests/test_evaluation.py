@@ -135,6 +135,26 @@ def test_no_detections_gives_zero(coco_gt: COCO) -> None:
     assert stats == {t: dict.fromkeys(METRICS, 0.0) for t in ("bbox", "segm")}
 
 
+@pytest.mark.parametrize(("prediction", "value"), [(_perfect_prediction, 1.0), (lambda coco, i: _no_detections(), 0.0)],
+                         ids=["perfect", "no-detections"])
+def test_a_size_bucket_without_ground_truth_is_none(
+    coco_gt: COCO, prediction: Callable[[COCO, int], dict[str, torch.Tensor]], value: float
+) -> None:
+    """Image 1 has no large object: APl is None (JSON null), not pycocotools' -1; the other values are real."""
+    stats = _evaluate(coco_gt, {1: prediction(coco_gt, 1)})
+    expected = dict.fromkeys(METRICS, value) | {"APl": None}
+    assert stats == {"bbox": pytest.approx(expected), "segm": pytest.approx(expected)}
+    assert '"APl": null' in json.dumps(stats)
+
+
+def test_empty_val_split_gives_none_and_a_warning(coco_gt: COCO, caplog: pytest.LogCaptureFixture) -> None:
+    """With no image evaluated every metric is None and a warning says so."""
+    stats = CocoEvaluator(coco_gt, LABEL_TO_CATEGORY, iou_types=("bbox", "segm")).summarize()
+    assert stats == {t: dict.fromkeys(METRICS) for t in ("bbox", "segm")}
+    assert [r.getMessage() for r in caplog.records] == [
+        "no validation images: nothing was evaluated, every metric is None"]
+
+
 @pytest.mark.parametrize(("label", "expected_ap"), [(CATEGORY_TO_LABEL[7], 0.5), (CATEGORY_TO_LABEL[3], 0.0)])
 def test_labels_are_mapped_to_category_ids(coco_gt: COCO, label: int, expected_ap: float) -> None:
     # Image 1 has non-crowd ground truth for categories 3 and 7; the one detection sits on the category-7 box,

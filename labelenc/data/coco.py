@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +14,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from labelenc.errors import UserError
-
-logger = logging.getLogger(__name__)
-
-
-class DataError(UserError, ValueError):
-    """A dataset file or annotation that cannot be used; the message names the file and annotation."""
-
-
-def read_coco_json(path: str | Path) -> dict:
-    """The dict of a COCO annotation file with its ``images``, ``annotations`` and ``categories`` lists."""
-    path = Path(path)
-    try:
-        dataset = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"annotation file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"annotation file {path} is not readable JSON: {err}") from None
-    if not isinstance(dataset, dict):
-        raise DataError(f"annotation file {path} must hold a JSON object, got {type(dataset).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(dataset.get(key), list):
-            raise DataError(f"annotation file {path} has no '{key}' list")
-    return dataset
+from labelenc.data.formats import read_coco_json
+from labelenc.data.problems import DataError
+from labelenc.data.validate import read_validated_coco, require_image_folder
 
 
 def coco_from_dict(dataset: dict) -> COCO:
@@ -60,12 +37,14 @@ class CocoDetection(Dataset):
     """Images and annotations of one COCO-format split, as torchvision detection targets.
 
     Category ids (arbitrary) map to contiguous labels ``1..C`` in sorted-id order; ``label_to_category[label]``
-    maps back (``None`` at index 0, the background). Crowd annotations are left out of training targets, as detectron2 and
-    the COCO evaluation do (they are ignore regions). Images without annotations are kept as negatives.
+    maps back (``None`` at index 0, the background). Crowd annotations are left out of training targets, as
+    detectron2 and the COCO evaluation do (they are ignore regions). Images without annotations are kept as negatives.
     Each item is ``(image float[3, H, W] in [0, 1], {"boxes" xyxy, "labels", "image_id"[, "masks" uint8[K, H, W]]})``
     as ``tv_tensors``, so that ``torchvision.transforms.v2`` transforms boxes and masks with the image.
-    The constructor reads an annotation file as it is; :meth:`from_dataset` takes an in-memory dict, such as the
-    validated and cleaned one ``build_datasets`` makes (see :mod:`labelenc.data.validate`).
+    The constructor reads an annotation file and validates it as a run does (image headers, every annotation; see
+    :mod:`labelenc.data.validate`): errors raise :class:`~labelenc.data.problems.DataValidationError`, warnings
+    are logged, and the dataset holds the cleaned annotations. :meth:`from_dataset` takes an in-memory dict that is
+    validated and cleaned already, such as the one ``build_datasets`` makes.
     """
 
     def __init__(
@@ -75,7 +54,8 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         categories: list[int] | None = None,
     ) -> None:
-        self._setup(load_coco(annotations), Path(annotations), Path(images), with_masks, categories)
+        dataset = read_validated_coco(annotations, images, need_masks=with_masks)
+        self._setup(coco_from_dict(dataset), Path(annotations), Path(images), with_masks, categories)
 
     @classmethod
     def from_dataset(
@@ -86,12 +66,13 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         categories: list[int] | None = None,
     ) -> CocoDetection:
-        """The split of an in-memory COCO dict (e.g. validated and cleaned, or converted from VOC / YOLO).
+        """The split of a COCO dict that :func:`~labelenc.data.validate.validate_coco` cleaned (e.g. from VOC / YOLO).
 
         ``source`` (the annotation file or dataset folder it came from) names the split in messages.
         """
         self = cls.__new__(cls)
-        self._setup(coco_from_dict(dataset), Path(source), Path(images), with_masks, categories)
+        self._setup(coco_from_dict(dataset), Path(source), require_image_folder(images, source), with_masks,
+                    categories)
         return self
 
     def _setup(
@@ -111,8 +92,6 @@ class CocoDetection(Dataset):
         self.label_to_category: list[int | None] = [None] + ids
         self.category_to_label = {cid: i + 1 for i, cid in enumerate(ids)}
         self.class_names = [c["name"] for c in self.categories]
-        if not self.image_dir.is_dir():
-            raise DataError(f"image folder not found: {self.image_dir} (named with {self.annotation_file})")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -131,29 +110,17 @@ class CocoDetection(Dataset):
             raise DataError(f"cannot read image {path} (image id {image_id}): {err}") from None
 
     def load_target(self, image_id: int, height: int, width: int) -> dict[str, torch.Tensor]:
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        """The target of one image from its validated annotations (boxes inside the image, known categories)."""
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        try:
-            labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
-        except KeyError as err:
-            bad = next(a for a in anns if a["category_id"] not in self.category_to_label)
-            raise DataError(
-                f"{self.annotation_file}: annotation {bad.get('id')} of image {image_id} has unknown category id {err}"
-            ) from None
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & boxes.isfinite().all(dim=1)
-        if not keep.all():
-            dropped = [a.get("id") for a, k in zip(anns, keep.tolist()) if not k]
-            logger.warning("%s: image %s: dropped annotations %s with empty boxes", self.annotation_file, image_id, dropped)
         target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(height, width)),
-            "labels": labels[keep],
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": torch.tensor(image_id),
         }
         if self.with_masks:
-            masks = [self.coco.annToMask(a) for a, k in zip(anns, keep.tolist()) if k]
+            masks = [self.coco.annToMask(a) for a in anns]
             data = np.stack(masks) if masks else np.zeros((0, height, width), dtype=np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(data))
         return target

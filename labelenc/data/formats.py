@@ -1,4 +1,4 @@
-"""Pascal VOC and YOLO datasets as in-memory COCO dicts: everything downstream (training, evaluation) reads COCO.
+"""COCO JSON files, and Pascal VOC and YOLO datasets as in-memory COCO dicts: everything downstream reads COCO.
 
 Both converters are one-way and deterministic: images in a stable order with ids ``1..N``, annotations in image
 then object order with ids ``1..M``, categories ``1..C`` in the order of the class list (given, or inferred and
@@ -7,15 +7,15 @@ written out). Image ``file_name`` entries are relative to the dataset root (``JP
 label file) and ``source_line`` / ``source_object`` keys, so that every problem names the file it came from;
 :func:`write_coco` leaves them out of the JSON it writes.
 
-Problems found while converting (unreadable XML, malformed YOLO lines, unknown class names) are appended to the
-``problems`` list when one is given and the offending entry is skipped; without a list, any problem raises
-:class:`~labelenc.data.validate.DataValidationError` naming every one of them.
+Problems found while converting (unreadable XML, malformed YOLO lines, unknown class names, inverted VOC boxes,
+YOLO boxes in pixels) are appended to the ``problems`` list when one is given and the offending entry is skipped;
+without a list, any error raises :class:`~labelenc.data.problems.DataValidationError` naming every problem, and
+warnings are logged. :func:`read_coco_json` and :func:`write_coco` read and write COCO annotation files.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -24,14 +24,15 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from labelenc.data.coco import DataError
-from labelenc.data.validate import DataValidationError, Problem
+from labelenc.data.problems import DataError, Problem, raise_or_log
+from labelenc.fileio import write_json_atomic
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SOURCE_KEYS",
     "parse_class_names",
     "read_class_file",
+    "read_coco_json",
     "voc_to_coco",
     "write_coco",
     "yolo_to_coco",
@@ -40,17 +41,12 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SOURCE_KEYS = ("source", "source_line", "source_object")
 
-logger = logging.getLogger(__name__)
-
 
 def _finish(dataset: dict, found: list[Problem], problems: list[Problem] | None, what: str) -> dict:
     if problems is not None:
         problems.extend(found)
-    elif any(p.severity == "error" for p in found):
-        raise DataValidationError({what: found}, strict=False)
     else:
-        for problem in found:
-            logger.warning("%s", problem)
+        raise_or_log({what: found})
     return dataset
 
 
@@ -187,6 +183,11 @@ def voc_to_coco(
             if name not in category_of:
                 found.append(Problem("error", str(path), image_id, None,
                                      f"object {index}: class {name!r} is not in the class list {names}"))
+                continue
+            if xmin > xmax or ymin > ymax:
+                found.append(Problem("warning", str(path), image_id, None, f"object {index}: box xmin={xmin:g}, "
+                                     f"ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g} has "
+                                     f"{'xmin > xmax' if xmin > xmax else 'ymin > ymax'}; dropped"))
                 continue
             w, h = xmax - xmin + 1, ymax - ymin + 1
             annotations.append({
@@ -329,6 +330,11 @@ def yolo_to_coco(
                 found.append(Problem("error", str(label), image_id, None, parsed, line=number))
                 continue
             cls, cx, cy, w, h = parsed
+            if max(cx, cy, w, h) > 1:
+                found.append(Problem("warning", str(label), image_id, None, f"box '{' '.join(line.split()[1:])}' "
+                                     "has values above 1, but YOLO boxes are normalised to 0..1 by the image size: "
+                                     "this file seems to hold pixel coordinates; dropped", line=number))
+                continue
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cls + 1, "bbox": box,
@@ -362,16 +368,28 @@ def _parse_yolo_line(line: str, num_classes: int) -> tuple[int, float, float, fl
 # ---------------------------------------------------------------------------------------------------------- I/O
 
 
-def write_coco(dataset: dict, path: str | Path) -> Path:
-    """Write a COCO dict as JSON (without the converters' ``source`` keys), creating the folder."""
+def read_coco_json(path: str | Path) -> dict:
+    """The dict of a COCO annotation file with its ``images``, ``annotations`` and ``categories`` lists."""
     path = Path(path)
+    try:
+        dataset = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"annotation file {path} is not readable JSON: {err}") from None
+    if not isinstance(dataset, dict):
+        raise DataError(f"annotation file {path} must hold a JSON object, got {type(dataset).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise DataError(f"annotation file {path} has no '{key}' list")
+    return dataset
+
+
+def write_coco(dataset: dict, path: str | Path) -> Path:
+    """Write a COCO dict as JSON (without the converters' ``source`` keys) atomically, creating the folder."""
 
     def strip(entries: list[dict]) -> list[dict]:
         return [{k: v for k, v in e.items() if k not in SOURCE_KEYS} for e in entries]
 
     out = {**dataset, "images": strip(dataset["images"]), "annotations": strip(dataset["annotations"])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, out, indent=None)

@@ -80,7 +80,7 @@ def build_datasets(cfg: Config, with_masks: bool) -> tuple[CocoDetection, CocoDe
 
     Every image header and annotation is checked first (:mod:`labelenc.data.validate`): warnings (clipped or
     dropped boxes) are logged one per line; errors, or warnings with ``data.strict``, raise
-    :class:`~labelenc.data.validate.DataValidationError` listing every problem, before any training. The datasets
+    :class:`~labelenc.data.problems.DataValidationError` listing every problem, before any training. The datasets
     hold the cleaned annotations only, so the training loop never meets one it cannot use.
     """
     checked = check_data(cfg, need_masks=with_masks, check_pixels=False)

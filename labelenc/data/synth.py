@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from labelenc.data.problems import DataError
+from labelenc.fileio import write_atomic, write_text_atomic
+
 __all__ = ["SHAPES", "generate_synthetic_dataset"]
 
 # Class k is SHAPES[k], with COCO category id CATEGORY_ID_STEP * (k + 1): deliberately not contiguous.
@@ -63,28 +66,26 @@ def generate_synthetic_dataset(
     _check_int("num_classes", num_classes, 1, len(SHAPES))
     _check_int("max_objects", max_objects, 1)
     root = Path(out_dir)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
     paths = {}
     for split_index, (split, num_images) in enumerate((("train", num_train), ("val", num_val))):
         rng = np.random.default_rng([seed, split_index])
         dataset = _write_split(root / split, rng, num_images, image_size, num_classes, max_objects)
-        paths[split] = root / "annotations" / f"instances_{split}.json"
-        paths[split].write_text(json.dumps(dataset))
+        # JSON without indent or final newline, as the generator always wrote it: the files stay byte-identical.
+        paths[split] = write_text_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(dataset))
     return paths
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    """Raise a ValueError naming the argument unless it is an integer in [low, high]."""
+    """Raise a DataError (a ValueError) naming the argument unless it is an integer in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+        raise DataError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def _write_split(
     image_dir: Path, rng: np.random.Generator, num_images: int, size: int, num_classes: int, max_objects: int
 ) -> dict:
     """Render one split's PNGs into ``image_dir`` and return its COCO dataset dict."""
-    image_dir.mkdir(parents=True, exist_ok=True)
     empty = set(rng.choice(num_images, size=round(EMPTY_FRACTION * num_images), replace=False).tolist())
     images, annotations = [], []
     for index in range(num_images):
@@ -92,7 +93,8 @@ def _write_split(
         file_name = f"{image_id:06d}.png"
         count = 0 if index in empty else int(rng.integers(1, max_objects + 1))
         pixels, shapes = _render_image(rng, size, num_classes, count)
-        Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
+        image = Image.fromarray(pixels)
+        write_atomic(image_dir / file_name, lambda f: image.save(f, format="PNG", compress_level=1))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         annotations += [_annotation(len(annotations) + 1 + k, image_id, s) for k, s in enumerate(shapes)]
     categories = [

@@ -1,7 +1,7 @@
 """Dataset validation before any training: every problem with its file and annotation id, and a cleaned copy.
 
 :func:`validate_coco` checks one COCO dict against its image folder and returns a cleaned copy that the
-training loop can always use, with the list of :class:`Problem` found:
+training loop can always use, with the list of :class:`~labelenc.data.problems.Problem` found:
 
 errors (fatal: the run does not start)
     unknown category id; annotation of an image id that is not in ``images``; malformed bbox (not 4 finite
@@ -15,23 +15,25 @@ warnings (fatal with ``--strict`` / ``data.strict``)
     polygons of a mask (dropped).
 
 Images without annotations are kept as negatives. :func:`check_data` reads and validates both splits of a
-config (COCO, VOC or YOLO sources); :func:`report_problems` logs the warnings or raises
-:class:`DataValidationError` with the full list.
+config (COCO, VOC or YOLO sources) and checks what a run needs of them together: a training split with at least
+one box to train on, and a val split with the training split's category ids. :func:`report_problems` logs the
+warnings or raises :class:`~labelenc.data.problems.DataValidationError` with the full list.
+:func:`read_validated_coco` does the same for one annotation file.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from labelenc.data.coco import DataError, read_coco_json
+from labelenc.data.formats import read_coco_json, voc_to_coco, yolo_to_coco
+from labelenc.data.problems import DataError, Problem, plural, raise_or_log
 
 if TYPE_CHECKING:
     from labelenc.config import Config, SplitConfig
@@ -39,69 +41,15 @@ if TYPE_CHECKING:
 __all__ = [
     "MIN_BOX_SIZE",
     "CheckedSplit",
-    "DataValidationError",
-    "Problem",
     "check_data",
+    "read_validated_coco",
     "report_problems",
-    "summarize",
+    "require_image_folder",
     "validate_coco",
 ]
 
-logger = logging.getLogger(__name__)
-
 MIN_BOX_SIZE = 0.01  # px: a box narrower or lower than this inside the image is empty
 CLIP_TOLERANCE = 0.5  # px: boxes past the image border by at most this are clipped without a warning
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem of a dataset: where it is (file, image id, annotation id, line) and what it is."""
-
-    severity: Literal["error", "warning"]
-    file: str
-    image_id: int | None
-    annotation_id: int | None
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
-        ids = [f"image {self.image_id}" if self.image_id is not None else "",
-               f"annotation {self.annotation_id}" if self.annotation_id is not None else ""]
-        ids_text = ", ".join(i for i in ids if i)
-        return f"{self.severity}: {where}: " + (f"{ids_text}: " if ids_text else "") + self.message
-
-
-def _count(problems: list[Problem]) -> tuple[int, int]:
-    errors = sum(p.severity == "error" for p in problems)
-    return errors, len(problems) - errors
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def summarize(problems: dict[str, list[Problem]]) -> str:
-    """``N errors, M warnings (train: ...; val: ...)``."""
-    errors, warnings = _count([p for found in problems.values() for p in found])
-    parts = []
-    for name, found in problems.items():
-        e, w = _count(found)
-        parts.append(f"{name}: " + (", ".join(x for x in (e and _plural(e, "error"), w and _plural(w, "warning")) if x)
-                                    or "no problems"))
-    return f"{_plural(errors, 'error')}, {_plural(warnings, 'warning')} ({'; '.join(parts)})"
-
-
-class DataValidationError(DataError):
-    """The data has errors (or warnings, when strict): the message lists every problem, one per line."""
-
-    def __init__(self, problems: dict[str, list[Problem]], strict: bool = False) -> None:
-        self.problems = problems
-        self.strict = strict
-        lines = [f"data check failed: {summarize(problems)}"
-                 + (" - strict: warnings are fatal" if strict else "")]
-        lines += [f"  {p}" for found in problems.values() for p in found]
-        super().__init__("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------ one COCO dict
@@ -186,7 +134,7 @@ def _check_segmentation(segmentation: object, width: int, height: int) -> tuple[
         bad = len(segmentation) - len(polygons)
         if not polygons:
             return None, None, "no usable polygon (each needs at least 3 finite points near the image); dropped"
-        return polygons, None, f"dropped {_plural(bad, 'invalid polygon')} of its mask"
+        return polygons, None, f"dropped {plural(bad, 'invalid polygon')} of its mask"
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
         if not (isinstance(size, list) and list(size) == [height, width]):
@@ -387,23 +335,64 @@ def _adopt_categories(dataset: dict, train_categories: list[dict], name: str, so
     return {**dataset, "annotations": annotations, "categories": [dict(c) for c in train_categories]}
 
 
-def _read_split(split: SplitConfig, class_names: list[str] | None, problems: list[Problem]) -> dict:
-    from labelenc.data.formats import voc_to_coco, yolo_to_coco
+def require_image_folder(images: str | Path, source: str | Path) -> Path:
+    """The image folder of a split, or a DataError naming it and the file that names it (not one per image)."""
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"image folder not found: {images} (named with {source})")
+    return images
 
+
+def read_validated_coco(annotations: str | Path, images: str | Path, need_masks: bool = False) -> dict:
+    """The cleaned dict of a COCO file checked as a run checks its data (image headers, every annotation).
+
+    Errors raise :class:`~labelenc.data.problems.DataValidationError` listing every problem; warnings are logged.
+    """
+    image_dir = require_image_folder(images, annotations)
+    dataset, problems = validate_coco(read_coco_json(annotations), image_dir, str(annotations), need_masks=need_masks)
+    raise_or_log({str(annotations): problems})
+    return dataset
+
+
+def _read_split(split: SplitConfig, class_names: list[str] | None, problems: list[Problem]) -> dict:
     if split.format == "coco":
         dataset = read_coco_json(split.annotations)
-        if not Path(split.images).is_dir():
-            raise DataError(f"image folder not found: {split.images} (named with {split.annotations})")
+        require_image_folder(split.images, split.annotations)
         return dataset
     convert = voc_to_coco if split.format == "voc" else yolo_to_coco
     return convert(split.root, split.split, class_names, problems)
 
 
-def check_data(cfg: Config, need_masks: bool = False, check_pixels: bool = False) -> dict[str, CheckedSplit]:
-    """Read (converting VOC / YOLO) and validate the train and val splits of ``cfg.data``.
+def _no_box_to_train_on(split: CheckedSplit) -> list[Problem]:
+    """An error if the cleaned training split holds no box a detector trains on (crowd regions do not count)."""
+    if any(not a["iscrowd"] for a in split.dataset["annotations"]):
+        return []
+    return [Problem("error", split.source, None, None, f"data.{split.name} has no box to train on: "
+                    f"{plural(len(split.dataset['images']), 'usable image')}, none with a usable box (dropped boxes "
+                    "are listed above; crowd and VOC difficult regions are not trained on)")]
 
-    A val split in VOC or YOLO format takes the training categories, matched by class name. ``need_masks``:
-    the detector trains on instance masks and evaluates them (``model.family=mask_rcnn``).
+
+def _other_categories(split: CheckedSplit, train_categories: list[dict]) -> list[Problem]:
+    """An error if the split's category ids differ from the training split's: a run scores labels by them."""
+    names = {c["id"]: c["name"] for c in train_categories}
+    own = {c["id"]: c["name"] for c in split.dataset["categories"]}
+    if sorted(own) == sorted(names):
+        return []
+
+    def listed(ids: set[int], categories: dict[int, str]) -> str:
+        return ", ".join(f"{i} {categories[i]!r}" for i in sorted(ids)) or "none"
+
+    return [Problem("error", split.source, None, None, f"data.{split.name}'s category ids differ from data.train's "
+                    f"(only in data.{split.name}: {listed(own.keys() - names.keys(), own)}; only in data.train: "
+                    f"{listed(names.keys() - own.keys(), names)}): evaluation needs the training categories")]
+
+
+def check_data(cfg: Config, need_masks: bool = False, check_pixels: bool = False) -> dict[str, CheckedSplit]:
+    """Read (converting VOC / YOLO) and validate the train and val splits of ``cfg.data``, as a run needs them.
+
+    A val split in VOC or YOLO format takes the training categories, matched by class name; a COCO one must have
+    the training category ids. The training split needs at least one box. ``need_masks``: the detector trains
+    on instance masks and evaluates them (``model.family=mask_rcnn``).
     """
     checked: dict[str, CheckedSplit] = {}
     train_categories = None
@@ -432,17 +421,12 @@ def check_data(cfg: Config, need_masks: bool = False, check_pixels: bool = False
         problems.extend(found)
         if name == "train":
             train_categories = result.dataset["categories"]
+            problems.extend(_no_box_to_train_on(result))
+        elif train_categories is not None:
+            problems.extend(_other_categories(result, train_categories))
     return checked
 
 
 def report_problems(checked: dict[str, CheckedSplit], strict: bool = False, log: bool = True) -> None:
-    """Raise :class:`DataValidationError` on any error (or warning, if ``strict``); else log the warnings."""
-    problems = {name: split.problems for name, split in checked.items()}
-    errors, warnings = _count([p for found in problems.values() for p in found])
-    if errors or (strict and warnings):
-        raise DataValidationError(problems, strict)
-    if log and warnings:
-        for found in problems.values():
-            for problem in found:
-                logger.warning("%s", problem)
-        logger.warning("data check: %s", summarize(problems))
+    """Raise DataValidationError on errors (or warnings, if ``strict``), else log the warnings: see raise_or_log."""
+    raise_or_log({name: split.problems for name, split in checked.items()}, strict, log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from labelenc.data.coco import CocoDetection, DataError, load_coco
+from labelenc.data.coco import CocoDetection, load_coco
 from labelenc.data.loader import build_datasets
+from labelenc.data.problems import DataError, DataValidationError
 from labelenc.errors import UserError
 
 H, W = 24, 32  # not square, so that a height/width mix-up shows
@@ -163,28 +165,54 @@ def test_load_coco_errors_name_the_file(tmp_path: Path, content: str | None, exp
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-def test_unknown_category_names_the_annotation(tmp_path: Path) -> None:
-    """An annotation whose category id is not among the categories is a DataError naming the annotation id."""
+def test_constructor_validates_and_refuses_an_unknown_category(tmp_path: Path) -> None:
+    """An annotation whose category id is not among the categories stops the constructor, naming file and ids."""
     annotations = _annotations()
     annotations[1] = {**annotations[1], "id": 7777, "category_id": 999}
     path, images = _write_split(tmp_path, annotations)
-    ds = CocoDetection(path, images)
-    with pytest.raises(DataError, match="annotation 7777 .*999"):
-        ds[0]
+    with pytest.raises(DataValidationError) as info:
+        CocoDetection(path, images)
+    assert f"error: {path}: image 11, annotation 7777: unknown category id 999" in str(info.value)
+
+
+def test_constructor_holds_the_cleaned_annotations(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Boxes past the border are clipped and empty ones dropped, each logged with its annotation id."""
+    annotations = _annotations()
+    annotations[0] = {**annotations[0], "bbox": [-6, 2, 26, 40]}  # clipped to [0, 2, 20, 22]
+    annotations[1] = {**annotations[1], "bbox": [20, 10, 0, 10]}  # zero width: dropped
+    path, images = _write_split(tmp_path, annotations)
+    ds = CocoDetection(path, images, with_masks=True)
+    target = ds[0][1]
+    assert target["boxes"].as_subclass(torch.Tensor).tolist() == [[0.0, 2.0, 20.0, float(H)]]
+    assert target["labels"].tolist() == [2] and target["masks"].shape == (1, H, W)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith(f"warning: {path}: image 11, annotation 101: box [-6, 2, 26, 40] extends")
+               for m in warnings)
+    assert any(f"annotation 102: box [20, 10, 0, 10] has zero or negative width" in m for m in warnings)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing"])
-def test_unreadable_image_names_the_path(split: tuple[Path, Path], damage: str) -> None:
-    """A corrupt or missing image file is a DataError naming its path."""
+def test_unreadable_image_is_refused_by_the_constructor(split: tuple[Path, Path], damage: str) -> None:
+    """A corrupt or missing image file is found by the constructor's header check, naming its path."""
     path, images = split
     image_path = images / "img_12.png"
     if damage == "garbage":
         image_path.write_bytes(b"this is not a png")
     else:
         image_path.unlink()
+    with pytest.raises(DataValidationError, match=f"image 12: .*{re.escape(str(image_path))}"):
+        CocoDetection(path, images)
+
+
+def test_truncated_image_names_the_path_when_loaded(split: tuple[Path, Path]) -> None:
+    """A truncated image has a valid header: the dataset builds, and decoding it is a DataError naming it."""
+    path, images = split
+    image_path = images / "img_12.png"
+    data = image_path.read_bytes()
+    image_path.write_bytes(data[: len(data) // 2])
     ds = CocoDetection(path, images)
     assert isinstance(ds[0][0], torch.Tensor)  # other images still load
-    with pytest.raises(DataError, match="img_12.png"):
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {image_path} (image id 12)")):
         ds[1]
 
 

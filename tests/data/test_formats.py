@@ -16,10 +16,11 @@ from pycocotools.coco import COCO
 from labelenc import runner
 from labelenc.cli import main
 from labelenc.config import ConfigError
-from labelenc.data.coco import CocoDetection, DataError, coco_from_dict
+from labelenc.data.coco import CocoDetection, coco_from_dict
 from labelenc.data.formats import SOURCE_KEYS, voc_to_coco, write_coco, yolo_to_coco
 from labelenc.data.loader import build_datasets
-from labelenc.data.validate import DataValidationError, Problem, validate_coco
+from labelenc.data.problems import DataError, DataValidationError, Problem
+from labelenc.data.validate import validate_coco
 from labelenc.evaluation import CocoEvaluator
 
 # VOC: image stem -> (width, height, [(name, difficult, (xmin, ymin, xmax, ymax))]), 1-based inclusive pixels
@@ -163,6 +164,18 @@ def test_voc_problems_name_the_xml_file(voc_root: Path, stem: str, xml: str, exp
         voc_to_coco(voc_root, class_names=["bird", "cat", "dog"])
 
 
+@pytest.mark.parametrize("box, expected", [((20, 5, 10, 15), "xmin > xmax"), ((2, 15.5, 10, 5), "ymin > ymax")])
+def test_inverted_voc_box_is_reported_with_the_xml_values(voc_root: Path, box: tuple, expected: str) -> None:
+    """A VOC box with xmin > xmax (or ymin > ymax) is a warning quoting the XML's own coordinates; it is dropped."""
+    path = voc_root / "Annotations" / "000002.xml"
+    path.write_text(_voc_xml("000002", 36, 28, [("dog", 0, box)]))
+    problems: list[Problem] = []
+    dataset = voc_to_coco(voc_root, split="val", problems=problems)
+    written = ", ".join(f"{tag}={value:g}" for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box))
+    assert [str(p) for p in problems] == [f"warning: {path}: image 1: object 1: box {written} has {expected}; dropped"]
+    assert dataset["annotations"] == [] and validate_coco(dataset, voc_root, str(voc_root))[1] == []
+
+
 def test_yolo_normalised_boxes_become_pixels_with_the_real_image_size(yolo_root: Path) -> None:
     """cx cy w h in [0, 1] times the file's size; images without a label file or with an empty one are negatives."""
     dataset = yolo_to_coco(yolo_root, split="train")
@@ -230,6 +243,27 @@ def test_malformed_yolo_lines_are_reported_with_file_and_line(yolo_root: Path, l
     with pytest.raises(DataValidationError) as info:
         yolo_to_coco(yolo_root, split="train")
     assert f"{label}:3" in str(info.value)
+
+
+def test_yolo_pixel_coordinates_are_named_and_a_split_without_boxes_is_an_error(yolo_root: Path, tiny_config) -> None:
+    """Box values above 1 suggest pixel coordinates (file:line); a training split left without boxes stops the run."""
+    label = yolo_root / "labels" / "train" / "a.txt"
+    label.write_text("0 25 20 10 20\n1 0.1 0.1 0.2 0.2\n")
+    problems: list[Problem] = []
+    dataset = yolo_to_coco(yolo_root, split="train", problems=problems)
+    assert [(p.severity, p.file, p.line) for p in problems] == [("warning", str(label), 1)]
+    message = str(problems[0])
+    assert f"{label}:1: image 1: box '25 20 10 20' has values above 1" in message and "pixel coordinates" in message
+    assert len(dataset["annotations"]) == 1
+    label.write_text("0 25 20 10 20\n1 5 4 10 8\n")
+    yolo = {"format": "yolo", "root": str(yolo_root)}
+    cfg = tiny_config(data={"train": {**yolo, "split": "train"}, "val": {**yolo, "split": "val"}})
+    with pytest.raises(DataValidationError) as info:
+        build_datasets(cfg, with_masks=False)
+    found = info.value.problems["train"]
+    assert [(p.severity, p.line) for p in found] == [("warning", 1), ("warning", 2), ("error", None)]
+    assert f"error: {yolo_root}: data.train has no box to train on: 3 usable images, none with" in str(info.value)
+    assert info.value.problems["val"] == []
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

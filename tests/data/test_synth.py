@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from labelenc.data.problems import DataError
 from labelenc.data.synth import MIN_VISIBLE_AREA, SHAPES, generate_synthetic_dataset
+from labelenc.errors import UserError
 
 NUM_TRAIN, NUM_VAL, SIZE, MAX_OBJECTS = 40, 8, 128, 6
 
@@ -153,7 +155,9 @@ def test_object_sizes_range_from_small_to_large(train: COCO) -> None:
         ("max_objects", True),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_them(tmp_path: Path, name: str, value: object) -> None:
-    with pytest.raises(ValueError, match=name):
+def test_bad_arguments_raise_a_user_error_naming_them(tmp_path: Path, name: str, value: object) -> None:
+    """A bad argument is a DataError (a UserError and a ValueError), so `labelenc data synth` prints one line."""
+    with pytest.raises(DataError, match=f"{name} must be an integer .*, got {value!r}") as info:
         generate_synthetic_dataset(tmp_path / "out", **{name: value})
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert not (tmp_path / "out").exists()

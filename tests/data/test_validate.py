@@ -22,7 +22,8 @@ from labelenc.cli import main
 from labelenc.config import save_config
 from labelenc.data.coco import CocoDetection
 from labelenc.data.loader import SeededStream, build_datasets, train_transforms
-from labelenc.data.validate import MIN_BOX_SIZE, DataValidationError, Problem, summarize, validate_coco
+from labelenc.data.problems import DataValidationError, Problem, summarize
+from labelenc.data.validate import MIN_BOX_SIZE, validate_coco
 from labelenc.errors import UserError
 
 W, H = 32, 24  # not square, so that a width / height mix-up shows
@@ -272,6 +273,66 @@ def test_data_check_exit_codes_and_full_list(
                 assert image_id is None or f"image {image_id}" in listed[0]
 
 
+def _no_annotations(dataset: dict, images: Path) -> None:
+    dataset["annotations"] = []
+
+
+def _every_box_outside(dataset: dict, images: Path) -> None:
+    for ann in dataset["annotations"]:
+        ann["bbox"] = [W + 1, 0, 4, 4]
+
+
+def _only_crowd(dataset: dict, images: Path) -> None:
+    for ann in dataset["annotations"]:
+        ann["iscrowd"] = 1
+
+
+def _no_images(dataset: dict, images: Path) -> None:
+    dataset["images"], dataset["annotations"] = [], []
+
+
+@pytest.mark.parametrize("mutate", [_no_annotations, _every_box_outside, _only_crowd, _no_images])
+def test_training_split_without_a_box_fails_the_check_but_such_a_val_split_passes(
+    split: tuple[dict, Path, Path], tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    mutate: Callable[[dict, Path], None],
+) -> None:
+    """A training split with no box to train on is an error naming it (not a run that learns nothing); as a val
+    split the same data passes the check."""
+    _, images, _ = split
+    empty = _write_variant(tmp_path / "empty.json", mutate, images)
+    clean = _write_variant(tmp_path / "clean.json", None, images)
+    assert main(["data", "check", str(_config(tiny_config, tmp_path, empty, clean, images))]) == 2
+    err = capsys.readouterr().err
+    usable = 0 if mutate is _no_images else 3
+    assert f"error: {empty}: data.train has no box to train on: {usable} usable images, none with a usable box" in err
+    assert "val: no problems" in err
+    assert main(["data", "check", str(_config(tiny_config, tmp_path, clean, empty, images))]) == 0
+    assert "data check passed" in capsys.readouterr().out
+
+
+def test_val_split_with_other_category_ids_fails_the_check_as_it_fails_a_run(
+    split: tuple[dict, Path, Path], tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`data check` refuses val category ids that differ from the training ones, naming the val file and them."""
+    _, images, _ = split
+
+    def renumber(dataset: dict, images: Path) -> None:
+        dataset["categories"][1]["id"] = 6
+        for ann in dataset["annotations"]:
+            ann["category_id"] = 6 if ann["category_id"] == 5 else ann["category_id"]
+
+    train = _write_variant(tmp_path / "train.json", None, images)
+    val = _write_variant(tmp_path / "val.json", renumber, images)
+    config = _config(tiny_config, tmp_path, train, val, images)
+    expected = (f"error: {val}: data.val's category ids differ from data.train's (only in data.val: 6 'b'; "
+                f"only in data.train: 5 'b')")
+    assert main(["data", "check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "1 error, 0 warnings (train: no problems; val: 1 error)" in err
+    assert main(["train", str(config)]) == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_run_stops_before_training_with_the_full_list(
     split: tuple[dict, Path, Path], tiny_config, tmp_path: Path
 ) -> None:
@@ -304,7 +365,7 @@ def test_warnings_are_logged_and_training_data_is_clipped(
     val = _write_variant(tmp_path / "val.json", CASES["zero-width"][0], images)
     cfg = tiny_config(data={"train": {"annotations": str(train), "images": str(images)},
                             "val": {"annotations": str(val), "images": str(images)}})
-    with caplog.at_level(logging.WARNING, logger="labelenc.data.validate"):
+    with caplog.at_level(logging.WARNING, logger="labelenc.data.problems"):
         train_set, val_set = build_datasets(cfg, with_masks=False)
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith(f"warning: {train}: image 1, annotation 10: box") for line in lines)
