@@ -1,8 +1,9 @@
 """Training-step cost of LabelEnc vs the plain detector: Baseline, Step 1 and Step 2 on the same batches.
 
-Times full training iterations (forward + backward + SGD step, through the package's own ``Trainer.run_step``) of
-``Baseline(detector)``, ``Step1(detector, encoder)`` and ``Step2(detector, frozen encoder)`` from ``labelenc.method``,
-each around a freshly built detector with the same initialisation, on the same batches. Reports the median
+Times full training iterations (forward + backward + SGD step, through the package's own ``Trainer.run_step``) of the
+registered stages (``labelenc.stages.STAGES``: baseline, Step 1, Step 2 towards an untrained h written by Step 1),
+each built by its own recipe around a freshly built detector with the same initialisation, on the same batches, with
+the run's optimizer, LR schedule and loss-weight schedules. Reports the median
 ms/iteration over ``--iters`` timed iterations after ``--warmup`` untimed ones, the ratio to the baseline of the same
 run, peak memory, and parameter counts (trainable, and of the exported detector, which must be identical for all
 variants: LabelEnc adds no inference cost).
@@ -27,25 +28,27 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from _common import machine_info
 
-from labelenc.artifact import build_label_encoder, encoder_metadata
 from labelenc.config import Config, load_config
 from labelenc.data.loader import build_datasets, build_train_loader
-from labelenc.engine.schedule import WarmupMultiStep
-from labelenc.engine.trainer import Trainer, move_to_device, scaled_lr
+from labelenc.engine.hooks import LossWeights
+from labelenc.engine.trainer import Trainer, move_to_device
 from labelenc.errors import UserError
-from labelenc.method import Baseline, Step1, Step2
 from labelenc.models import FAMILIES, build_detector
+from labelenc.runner import build_lr_scheduler, build_optimizer
+from labelenc.stages import STAGES, Objective
 
+# variant: (description, stage, phase); the phase picks the iteration whose loss weights are timed
 VARIANTS = {
-    "baseline": "Baseline(detector)",
-    "step1": "Step1(detector, h), λ2=1 (full cost)",
-    "step1_warmup": "Step1 warm-up, λ2=0 (no A, no L_dis)",
-    "step2": "Step2(detector, frozen h), λ=1",
+    "baseline": ("Baseline(detector)", "baseline", "first"),
+    "step1": ("Step1(detector, h), λ2=1 (full cost)", "step1", "after_warmup"),
+    "step1_warmup": ("Step1 warm-up, λ2=0 (no A, no L_dis)", "step1", "first"),
+    "step2": ("Step2(detector, frozen h), λ=1", "step2", "first"),
 }
 DEFAULT_VARIANTS = ["baseline", "step1", "step1_warmup", "step2"]
 
@@ -83,7 +86,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides = []
     if args.family:
         overrides.append(f"model.family={args.family}")
-        if args.family == "fcos":  # FCOS places points by stride and refuses anchor sizes
+        if FAMILIES[args.family].anchor_generator_arg is None:  # e.g. FCOS: points by stride, no anchor sizes
             overrides.append("model.anchor_sizes=null")
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")
@@ -159,20 +162,19 @@ def fingerprint(batches) -> str:
     return h.hexdigest()[:16]
 
 
-def build_variant(name: str, cfg: Config, class_names: list[str]) -> torch.nn.Module:
-    """The training module of one variant around a detector initialised from the seed (same for all variants)."""
+def build_variant(name: str, cfg: Config, class_names: list[str], workdir: Path) -> tuple[Objective, int]:
+    """The objective of one variant, built by its stage's recipe around a detector initialised from the seed, and
+    the iteration it is timed at (Step 1 after its warm-up has the full cost; Step 2 reads an untrained h that a
+    Step-1 recipe writes to ``workdir``)."""
+    _, stage, phase = VARIANTS[name]
+    inputs: dict[str, str] = {}
+    if stage == "step2":
+        torch.manual_seed(cfg.train.seed)
+        step1 = STAGES["step1"].build(cfg, build_detector(cfg.model, len(class_names)), class_names, {})
+        inputs = {k: str(v) for k, v in step1.save_outputs(workdir, cfg.model_dump(mode="json")).items()}
     torch.manual_seed(cfg.train.seed)
-    detector = build_detector(cfg.model, len(class_names))
-    if name == "baseline":
-        return Baseline(detector)
-    method = cfg.labelenc
-    meta = encoder_metadata(cfg.model.family, class_names, cfg.model.fpn_channels, method.encoder_width,
-                            cfg.model.backbone)
-    encoder = build_label_encoder(meta)
-    if name in ("step1", "step1_warmup"):
-        return Step1(detector, encoder, method.reconstruction_weight, method.detection_weight,
-                     1.0 if name == "step1" else 0.0, method.box_jitter)
-    return Step2(detector, encoder, distance_weight=1.0)
+    objective = STAGES[stage].build(cfg, build_detector(cfg.model, len(class_names)), class_names, inputs)
+    return objective, objective.lr_offset if phase == "after_warmup" else 0
 
 
 def count(params) -> int:
@@ -185,15 +187,16 @@ class VariantRun:
     def __init__(self, name: str, cfg: Config, args: argparse.Namespace, batches, class_names: list[str]) -> None:
         self.name, self.warmup, self.batches = name, args.warmup, batches
         self.device = device_of(cfg)
-        self.model = build_variant(name, cfg, class_names).to(self.device)
+        with tempfile.TemporaryDirectory() as workdir:
+            objective, start_iter = build_variant(name, cfg, class_names, Path(workdir))
+        self.model = objective.model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        lr = scaled_lr(cfg.train.base_lr, cfg.train.reference_batch_size, cfg.train.batch_size)
-        lr *= WarmupMultiStep([], cfg.train.warmup_iters, cfg.train.warmup_factor)(0)  # the run's first LR
-        optimizer = torch.optim.SGD(self.trainable, lr=lr, momentum=cfg.train.momentum,
-                                    weight_decay=cfg.train.weight_decay)
+        optimizer = build_optimizer(cfg, self.model)
+        build_lr_scheduler(cfg, optimizer, objective.lr_offset)  # sets the run's first LR; it is not stepped
         self.data = itertools.cycle([move_to_device(b, self.device) for b in batches])
-        self.trainer = Trainer(self.model, optimizer, self.data, args.warmup + args.iters, self.device, [],
-                               cfg.train.grad_clip, cfg.train.amp)
+        self.trainer = Trainer(self.model, optimizer, self.data, start_iter + args.warmup + args.iters, self.device,
+                               [LossWeights(objective.weight_schedules)], cfg.train.grad_clip, cfg.train.amp)
+        self.trainer.iter = start_iter
         self.ms: list[float] = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -203,6 +206,8 @@ class VariantRun:
 
     def step(self) -> float:
         """One training iteration; its compute time in ms (the batch is already on the device)."""
+        for hook in self.trainer.hooks:  # the loss weights of this iteration
+            hook.before_step(self.trainer)
         self.trainer.run_step(self.data)  # forward, backward, SGD step; .item() of the losses syncs CUDA
         self.trainer.iter += 1
         metrics = self.trainer.metrics
@@ -349,7 +354,7 @@ def main() -> None:
         mem_ratio = "n/a" if mem is None or base[mem_key] is None else f"{mem / base[mem_key]:.2f}"
         growth = "n/a" if r["rss_growth_mb"] is None else f"{r['rss_growth_mb']:.0f}"
         r["ratio_vs_baseline"] = r["ms_median"] / base["ms_median"]
-        print(f"| {VARIANTS[r['variant']]} | {r['ms_median']:.0f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} "
+        print(f"| {VARIANTS[r['variant']][0]} | {r['ms_median']:.0f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} "
               f"| {r['ratio_vs_baseline']:.2f} | {mem_s} | {mem_ratio} | {growth} "
               f"| {r['trainable_params'] / 1e6:.2f}M | {r['exported_params'] / 1e6:.3f}M |")
 

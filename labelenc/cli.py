@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from labelenc.errors import UserError
+from labelenc.errors import UserError, error_text
+from labelenc.stages import STAGES, Stage
 
 EXAMPLES = {
     "synth": "labelenc data synth --out data/synth --seed 0\n  labelenc data synth --out data/big --num-train 2000 --image-size 256",
@@ -30,7 +31,7 @@ EXAMPLES = {
 
 def _parser(name: str, sub, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(
-        name, help=help, description=help, epilog=f"examples:\n  {EXAMPLES[name]}",
+        name, help=help, description=help, epilog=f"examples:\n  {EXAMPLES[name]}" if name in EXAMPLES else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -40,10 +41,18 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.base_iters=300")
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def _stage_parser(stage: Stage, sub) -> None:
+    """One training command per registered stage: config, overrides, resume / load options and the stage's inputs."""
+    p = _parser(stage.command, sub, stage.help)
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+    p.add_argument("--init-weights", metavar="FILE", default=None,
+                   help="start from these detector weights (model_final.pth or a checkpoint) at iteration 0")
+    group = p.add_mutually_exclusive_group(required=True) if stage.one_input_of else p
+    for run_input in stage.inputs:
+        group.add_argument(run_input.flag, dest=run_input.name, required=not stage.one_input_of,
+                           metavar="FILE", help=run_input.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(check)
     check.add_argument("--strict", action="store_true", help="warnings (clipped or dropped boxes) fail the check too")
 
-    _run_args(_parser("train", sub, "train a plain detector (the baseline) and evaluate it"))
+    stages = list(STAGES.values())
+    _stage_parser(stages[0], sub)
     ev = _parser("eval", sub, "COCO-evaluate a weights file on the config's validation split")
     _config_args(ev)
     ev.add_argument("--weights", required=True, help="model_final.pth or a checkpoint_*.pth")
-    _run_args(_parser("step1", sub, "LabelEnc Step 1: learn the label encoder; writes label_encoder.pth"))
-    step2 = _parser("step2", sub, "LabelEnc Step 2: train a detector supervised by a frozen label encoder")
-    _run_args(step2)
-    step2.add_argument("--label-encoder", required=True, help="label_encoder.pth written by step1")
+    for stage in stages[1:]:
+        _stage_parser(stage, sub)
     pipe = _parser("pipeline", sub, "baseline 1x, baseline 2x, Step 1 and Step 2 on the same data; report table")
     _config_args(pipe)
     pipe.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: train.seed)")
@@ -114,13 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_metrics(metrics: dict) -> None:
     for iou_type, values in metrics.items():
-        shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in values.items())
+        shown = "  ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in values.items())
         print(f"{iou_type}: {shown}")
 
 
 def _data_convert(args: argparse.Namespace) -> None:
     from labelenc.data.formats import parse_class_names, voc_to_coco, write_coco, yolo_to_coco
-    from labelenc.data.validate import DataValidationError, Problem, summarize, validate_coco
+    from labelenc.data.problems import DataValidationError, Problem, summarize
+    from labelenc.data.validate import validate_coco
 
     convert = voc_to_coco if args.source_format == "voc" else yolo_to_coco
     problems: list[Problem] = []
@@ -140,7 +149,8 @@ def _data_convert(args: argparse.Namespace) -> None:
 
 def _data_check(args: argparse.Namespace) -> None:
     from labelenc.config import load_config
-    from labelenc.data.validate import check_data, report_problems, summarize
+    from labelenc.data.problems import summarize
+    from labelenc.data.validate import check_data, report_problems
     from labelenc.models.detectors import FAMILIES
 
     cfg = load_config(args.config, args.overrides)
@@ -189,24 +199,30 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "eval":
         _print_metrics(runner.evaluate(cfg, args.weights))
         return
-    stage = {"train": "baseline", "step1": "step1", "step2": "step2"}[args.command]
-    result = runner.train(cfg, stage, getattr(args, "label_encoder", None), args.resume, args.overwrite)
+    stage = next(stage for stage in STAGES.values() if stage.command == args.command)
+    inputs = {i.name: getattr(args, i.name) for i in stage.inputs if getattr(args, i.name)}
+    result = runner.train(cfg, stage.name, inputs, args.resume, args.overwrite, args.init_weights)
     print(f"weights: {result.weights}")
-    if result.label_encoder:
-        print(f"label encoder: {result.label_encoder}")
+    for name, path in result.outputs.items():
+        print(f"{name.replace('_', ' ')}: {path}")
     _print_metrics(result.metrics)
 
 
-def _without_worker_traceback(message: str) -> str:
-    """A DataLoader worker re-raises our error with its traceback in the message: keep the error's own text."""
-    if "Original Traceback" not in message:
-        return message
-    last = message.strip().splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted anywhere after the config, before or after options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 logs and prints results
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -216,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _dispatch(args)
     except UserError as err:
-        print(f"labelenc: error: {_without_worker_traceback(str(err))}", file=sys.stderr)
+        print(f"labelenc: error: {error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelenc: interrupted", file=sys.stderr)

@@ -10,6 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labelenc.errors import UserError
+from labelenc.fileio import write_text_atomic
+from labelenc.models.backbones import BACKBONES
+from labelenc.models.detectors import FAMILIES
 
 
 class ConfigError(UserError, ValueError):
@@ -21,14 +24,16 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    family: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn"] = "retinanet"
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    family: Literal[tuple(FAMILIES)] = "retinanet"  # the registries are the one list of allowed names
+    backbone: Literal[tuple(BACKBONES)] = "resnet50"
     backbone_weights: str | None = Field(
         None,
         description="None: random init; a path to a state-dict file; or a torchvision weights name such as "
         "'IMAGENET1K_V1', loaded from the local torch cache only (nothing is downloaded).",
     )
-    trainable_layers: int | None = Field(None, ge=0, le=6, description="None: torchvision's default.")
+    trainable_layers: int | None = Field(
+        None, ge=0, description="None: torchvision's default (all layers from random init, 3 with pretrained weights)."
+    )
     fpn_channels: int = Field(256, ge=8)
     min_size: int = Field(800, ge=32, description="Short side after the detector's resize.")
     max_size: int = Field(1333, ge=32, description="Long-side limit after the detector's resize.")
@@ -42,15 +47,12 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_family_options(self) -> ModelConfig:
-        if self.family == "fcos" and self.anchor_sizes is not None:
-            raise ValueError("model.anchor_sizes does not apply to fcos (its points follow the FPN strides)")
-        if self.family == "fcos" and self.fpn_channels % 32:
-            raise ValueError("model.fpn_channels must be a multiple of 32 for fcos (its head uses GroupNorm(32))")
-        if self.anchor_sizes is not None and len(self.anchor_sizes) != 5:
-            raise ValueError(f"model.anchor_sizes needs 5 sizes (one per pyramid level), got {len(self.anchor_sizes)}")
-        most = 6 if self.backbone.startswith("mobilenet") else 5
+        errors = FAMILIES[self.family].config_errors(self)
+        most = BACKBONES[self.backbone].max_trainable_layers
         if self.trainable_layers is not None and self.trainable_layers > most:
-            raise ValueError(f"model.trainable_layers must be at most {most} for {self.backbone}")
+            errors.append(f"model.trainable_layers must be at most {most} for {self.backbone}")
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
 
@@ -248,4 +250,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved configuration as YAML (what the run actually used)."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,4 +1,4 @@
-"""The label encoding function h of LabelEnc (spec: /work/shared/LABELENC.md, "Label encoding function h").
+"""The label encoding function h of LabelEnc (docs/method.md, "Label encoding function h").
 
 h maps a C-channel label map (C = number of classes) into the detector's feature space (paper, Section 3.2,
 Eq. 9). It is a ResNet-like network without any normalisation: a 7x7 stride-2 stem convolution (with bias and no

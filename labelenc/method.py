@@ -7,9 +7,11 @@ h — an autoencoder in label space whose decoder is the detection head — join
     L2 = λ1 · L_det(d(f(I)), y)       the detector's own losses                 (the detector's loss names)
     L3 = λ2 · L_dis(f(I), h(y))       no gradient into h                        (``feature_distance``)
 
-Step 2 (Eq. 7) trains a fresh detector with its own losses plus λ · L_dis(f(I), h(y)) towards the frozen h.
+Step 2 (Eq. 7) trains a fresh detector with its own losses plus λ · L_dis(f(I), h(y)) towards the frozen h
+(:class:`LabelEncoderTarget`; any module mapping the transformed batch to backbone-shaped features can stand in).
 L_dis (Eq. 10) is ``‖LN(A(x_f)) − LN(x_h)‖²`` with a small adaption net A and a per-level layer norm.
 Weights live in ``loss_weights``; a zero weight skips the term's computation (Step-1 warm-up, Step-2 cut-off).
+docs/method.md maps every equation to the code and says where this implementation differs from the authors'.
 """
 
 from __future__ import annotations
@@ -134,17 +136,36 @@ class Step1(_DetectorObjective):
         return losses
 
 
-class Step2(_DetectorObjective):
-    """Eq. 7: a detector trained with its own losses plus the distance to a frozen label encoder's features."""
+class LabelEncoderTarget(nn.Module):
+    """The paper's target h(y): label maps of the transformed batch through a frozen label encoder h."""
 
-    def __init__(self, detector: nn.Module, encoder: LabelEncoder, distance_weight: float = 1.0) -> None:
+    def __init__(self, encoder: LabelEncoder, with_masks: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.with_masks = with_masks
+        self.out_channels = encoder.out_channels
+
+    def forward(self, images: ImageList, targets: list[dict[str, Tensor]]) -> Features:
+        maps, classes = label_maps_of(images, targets, self.encoder.num_classes, False, self.with_masks)
+        return self.encoder(maps, classes)
+
+
+class Step2(_DetectorObjective):
+    """Eq. 7: a detector trained with its own losses plus the distance to the features of a frozen ``target``.
+
+    ``target(image_list, targets)`` maps the transformed batch to a feature dict with the detector backbone's keys
+    and shapes (:class:`LabelEncoderTarget` for LabelEnc; a teacher's backbone for distillation). It is frozen, kept
+    in eval mode and run without gradient.
+    """
+
+    def __init__(self, detector: nn.Module, target: nn.Module, distance_weight: float = 1.0) -> None:
         super().__init__(detector, {"detection": 1.0, "distance": distance_weight})
-        self.encoder = encoder.requires_grad_(False).eval()
-        self.adaption = FeatureAdaption(encoder.out_channels)
+        self.target = target.requires_grad_(False).eval()
+        self.adaption = FeatureAdaption(target.out_channels)
 
     def train(self, mode: bool = True) -> Step2:
         super().train(mode)
-        self.encoder.eval()
+        self.target.eval()
         return self
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -152,8 +173,7 @@ class Step2(_DetectorObjective):
         losses = self.weighted("detection", head_losses(self.detector, image_list, features, targets))
         if self.loss_weights["distance"]:
             with torch.no_grad():
-                maps, classes = label_maps_of(image_list, targets, self.encoder.num_classes, False, self.with_masks)
-                encoded = self.encoder(maps, classes)
+                encoded = self.target(image_list, targets)
             distance = {"feature_distance": loss_feature_distance(self.adaption(features), encoded)}
             losses.update(self.weighted("distance", distance))
         return losses

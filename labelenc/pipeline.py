@@ -18,16 +18,14 @@ import yaml
 
 from labelenc import __version__, runner
 from labelenc.config import Config, build_config
+from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
+from labelenc.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
-# (row name, run directory, stage, schedule)
-RUNS = [
-    ("baseline 1x", "baseline_1x", "baseline", "1x"),
-    ("baseline 2x", "baseline_2x", "baseline", "2x"),
-    ("step1-only", "step1", "step1", "1x"),
-    ("LabelEnc", "step2", "step2", "1x"),
-]
+# (row name, run directory, stage, schedule), in the registry's order: each stage's inputs come from earlier runs
+RUNS = [(row, run_dir, stage.name, schedule)
+        for stage in STAGES.values() for row, run_dir, schedule in stage.pipeline_rows]
 METRICS = ("AP", "AP50", "AP75")
 NOT_DETECTION = {"iteration", "loss", "lr", "time", "data_time", "feature_distance"}
 
@@ -54,34 +52,41 @@ def run_pipeline(
 ) -> dict:
     """Run the comparison for every seed; write report.md, report.json and report.png to ``cfg.output_dir``."""
     root = Path(cfg.output_dir)
+    given = {"label_encoder": label_encoder} if label_encoder else {}
     results: dict[str, list[dict]] = {row: [] for row, *_ in RUNS}
     for seed in seeds:
         seed_dir = root / f"seed{seed}"  # per seed, so a later multi-seed call reuses finished runs
-        encoder_path = label_encoder
+        inputs = dict(given)  # files written by this seed's earlier runs, by name
         for row, name, stage, schedule in RUNS:
-            if (skip_baselines and stage == "baseline") or (stage == "step1" and label_encoder):
+            recipe = STAGES[stage]
+            if (skip_baselines and recipe.baseline) or (recipe.outputs and set(recipe.outputs) <= set(given)):
                 continue
             run_cfg = _run_config(cfg, seed_dir / name, schedule, seed)
             summary = None if overwrite else _finished(run_cfg)
             if summary is None:
-                result = runner.train(run_cfg, stage, label_encoder=encoder_path, overwrite=overwrite)
+                result = runner.train(run_cfg, stage, inputs, overwrite=overwrite)
                 summary = json.loads((result.output_dir / runner.SUMMARY).read_text())
             else:
                 logger.info("reusing finished run %s", run_cfg.output_dir)
-            if stage == "step1":
-                encoder_path = str(Path(run_cfg.output_dir) / runner.LABEL_ENCODER)
+            inputs.update({key: str(Path(run_cfg.output_dir) / file) for key, file in recipe.outputs.items()})
             results[row].append({**summary, "seed": seed, "run_dir": str(run_cfg.output_dir)})
     report = _report(cfg, seeds, results)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (root / "report.md").write_text(report["markdown"])
+    write_json_atomic(root / "report.json", report)
+    write_text_atomic(root / "report.md", report["markdown"])
     _plot(results, root / "report.png")
     print(report["markdown"])
     return report
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float | None]) -> tuple[float, float] | tuple[None, None]:
+    """Mean and sample std over seeds; (None, None) when a run evaluated nothing (no val images or boxes)."""
+    if any(v is None for v in values):
+        return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _percent(runs: list[dict], metric: str) -> list[float | None]:
+    return [None if r["metrics"]["bbox"][metric] is None else 100 * r["metrics"]["bbox"][metric] for r in runs]
 
 
 def _report(cfg: Config, seeds: list[int], results: dict[str, list[dict]]) -> dict:
@@ -89,11 +94,15 @@ def _report(cfg: Config, seeds: list[int], results: dict[str, list[dict]]) -> di
     for row, runs in results.items():
         if not runs:
             continue
-        stats = {m: _mean_std([100 * r["metrics"]["bbox"][m] for r in runs]) for m in METRICS}
+        stats = {m: _mean_std(_percent(runs, m)) for m in METRICS}
         stats["wall_time_s"] = _mean_std([r["wall_time"] for r in runs])
         stats["iterations"] = runs[0]["iterations"]
         rows[row] = stats
-    fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}") if len(seeds) > 1 else (lambda m, s: f"{m:.1f}")
+    def fmt(mean: float | None, std: float | None) -> str:
+        if mean is None:
+            return "n/a"
+        return f"{mean:.1f} ± {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}"
+
     lines = [
         f"| run | iterations | {' | '.join(METRICS)} | wall time (s) |",
         "|---|---|" + "---|" * len(METRICS) + "---|",
@@ -133,7 +142,8 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
         records = [json.loads(line) for line in log.read_text().splitlines()]
         curves.plot([r["iteration"] for r in records], [_detection_loss(r) for r in records], label=row)
         names.append(row)
-        m, s = _mean_std([100 * r["metrics"]["bbox"]["AP"] for r in runs])
+        m, s = _mean_std(_percent(runs, "AP"))
+        m, s = (0.0, 0.0) if m is None else (m, s)  # nothing evaluated: an empty bar
         means.append(m)
         stds.append(s)
     curves.set(xlabel="iteration", ylabel="detection loss (detector's own terms)", title="training loss (first seed)")
@@ -143,5 +153,5 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
         bars.text(i, m + s, f"{m:.1f}", ha="center", va="bottom")
     bars.set(ylabel="COCO AP (val)", title="AP")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -11,51 +11,44 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from datetime import datetime, timezone
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from labelenc.artifact import (
-    build_label_encoder,
-    check_compatible,
-    encoder_from_artifact,
-    encoder_metadata,
-    init_detector_from_artifact,
-    load_label_encoder,
-    save_label_encoder,
-)
 from labelenc.config import Config, save_config
 from labelenc.data.coco import CocoDetection
 from labelenc.data.loader import build_datasets, build_eval_loader, build_train_loader
-from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file, write_text_atomic
-from labelenc.engine.distributed import all_gather_objects, get_rank, get_world_size, init_distributed, is_main_process, local_device
-from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
-from labelenc.engine.trainer import (
-    Checkpointer,
-    LossWeights,
-    LRScheduler,
-    MetricsWriter,
-    PeriodicCheckpoint,
-    ProgressBar,
-    Trainer,
-    move_to_device,
-    scaled_lr,
+from labelenc.engine.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, load_file, save_file
+from labelenc.engine.distributed import (
+    all_gather_objects,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    local_device,
 )
+from labelenc.engine.hooks import LossWeights, LRScheduler, MetricsWriter, PeriodicCheckpoint, ProgressBar
+from labelenc.engine.schedule import WarmupMultiStep, scaled_lr
+from labelenc.engine.trainer import Hook, Trainer, move_to_device
 from labelenc.errors import UserError
 from labelenc.evaluation import CocoEvaluator
-from labelenc.method import Baseline, Step1, Step2
+from labelenc.fileio import write_json_atomic, write_text_atomic
 from labelenc.models import FAMILIES, build_detector
+from labelenc.stages import STAGES, Objective
 
 logger = logging.getLogger(__name__)
 
-Stage = Literal["baseline", "step1", "step2"]
 FINAL_WEIGHTS = "model_final.pth"
-LABEL_ENCODER = "label_encoder.pth"
 SUMMARY = "run_summary.json"
+# Config keys that may differ on --resume: they change neither the model nor the batches nor the optimisation.
+RESUMABLE_KEYS = ("train.max_bad_steps", "train.log_period", "train.checkpoint_period", "data.num_workers",
+                  "data.strict")
 
 
 class RunDirError(UserError, RuntimeError):
@@ -64,42 +57,129 @@ class RunDirError(UserError, RuntimeError):
 
 @dataclass
 class RunResult:
+    """What a finished run wrote: its directory, final detector weights, COCO metrics and the stage's outputs."""
+
     output_dir: Path
     weights: Path
     metrics: dict[str, dict[str, float]]
     wall_time: float
-    label_encoder: Path | None = None
+    outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"label_encoder": ...} for Step 1
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a previous run unless asked: ``--resume`` continues it, ``--overwrite`` starts afresh."""
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber a previous run unless asked: ``--resume`` continues it, ``--overwrite`` starts afresh.
+
+    Returns whether the directory was created here (so that a run that fails before training can remove it).
+    """
     has_run = (output_dir / FINAL_WEIGHTS).exists() or latest_checkpoint(output_dir) is not None
     if has_run and overwrite and is_main_process():
         shutil.rmtree(output_dir)
     elif has_run and not resume:
         raise RunDirError(f"{output_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    created = not output_dir.exists()
     if is_main_process():
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=output_dir).close()
         except OSError as err:
             raise RunDirError(f"output directory {output_dir} is not writable: {err.strerror}") from None
+    return created
 
 
-def _configure_logging(output_dir: Path) -> None:
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_config_changes(cfg: Config, output_dir: Path) -> dict[str, dict[str, object]]:
+    """On resume the run's own ``config.yaml`` is the truth: refuse any difference that changes what is trained,
+    naming each key; return the harmless ones (:data:`RESUMABLE_KEYS`) as ``{key: {"run": old, "now": new}}``."""
+    path = output_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = _flatten(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        raise RunDirError(f"--resume: {path} is not the YAML config this tool writes; cannot check the run") from None
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = {k: {"run": saved.get(k), "now": now.get(k)} for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and k != "output_dir"}  # a run may be moved to another folder
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE_KEYS}
+    if refused:
+        listed = "; ".join(f"{k}: run {v['run']!r}, now {v['now']!r}" for k, v in refused.items())
+        raise RunDirError(
+            f"--resume: this config differs from the run's own {path} ({listed}); resume with that file "
+            f"(only {', '.join(RESUMABLE_KEYS)} may change) or start a new run in another output_dir"
+        )
+    return changed
+
+
+def _record_config(cfg: Config, output_dir: Path, changes: dict) -> None:
+    """Save the resolved config of a new run; a resumed run keeps it and logs harmless changes beside it."""
+    path = output_dir / "config.yaml"
+    if not path.is_file():
+        save_config(cfg, path)
+    elif changes:
+        amendments = output_dir / "config_amendments.jsonl"
+        previous = amendments.read_text() if amendments.is_file() else ""
+        record = {"resumed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "changes": changes}
+        write_text_atomic(amendments, previous + json.dumps(record) + "\n")
+        logger.info("--resume with changed %s: recorded in %s", ", ".join(changes), amendments)
+
+
+def _configure_logging(output_dir: Path) -> logging.Handler | None:
     if not is_main_process():
-        return
-    handler = logging.FileHandler(output_dir / "log.txt")
+        return None
+    handler = logging.FileHandler(output_dir / "log.txt", delay=True)  # no empty log if nothing is ever logged
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger("labelenc")
-    root.handlers = [h for h in root.handlers if not isinstance(h, logging.FileHandler)] + [handler]
+    for old in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
     root.setLevel(logging.INFO)
+    return handler
 
 
-def _seed(cfg: Config) -> None:
+@dataclass
+class RunSetup:
+    device: torch.device
+    output_dir: Path
+    train_set: CocoDetection
+    val_set: CocoDetection
+
+
+def start_run(cfg: Config, resume: bool, overwrite: bool) -> RunSetup:
+    """Everything before the model: process group, run directory and log, seed, validated data, saved config.
+
+    Nothing is written before the data passes validation: a directory created here is removed again if it fails.
+    """
+    device = local_device(cfg.train.device)
+    init_distributed(device)
+    output_dir = Path(cfg.output_dir)
+    changes = resume_config_changes(cfg, output_dir) if resume else {}
+    created = prepare_output_dir(output_dir, resume, overwrite)
+    handler = _configure_logging(output_dir)
     torch.manual_seed(cfg.train.seed + get_rank())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        train_set, val_set = build_datasets(cfg, with_masks=FAMILIES[cfg.model.family].with_masks)
+    except UserError:
+        if handler is not None:
+            logging.getLogger("labelenc").removeHandler(handler)
+            handler.close()
+        if created and is_main_process() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    if is_main_process():
+        _record_config(cfg, output_dir, changes)
+    return RunSetup(device, output_dir, train_set, val_set)
 
 
 def _num_classes(cfg: Config, train_set: CocoDetection) -> int:
@@ -111,122 +191,100 @@ def _num_classes(cfg: Config, train_set: CocoDetection) -> int:
     return train_set.num_classes
 
 
-@dataclass
-class Objective:
-    """What a stage trains: the module around the detector, its loss-weight schedules and its length."""
-
-    model: nn.Module
-    weight_schedules: dict
-    max_iter: int
-    lr_offset: int  # iterations before the 1x schedule starts (Step-1 warm-up): the LR decays move back by it
-    meta: dict  # label-encoder metadata of this run
-
-
-def build_objective(
-    cfg: Config, stage: Stage, detector: nn.Module, train_set: CocoDetection, label_encoder: str | None
-) -> Objective:
-    """Baseline, Step 1 (Eq. 9, with its warm-up) or Step 2 (Eq. 7, with its cut-off) around ``detector``."""
-    method, total = cfg.labelenc, cfg.train.max_iters
-    meta = encoder_metadata(
-        cfg.model.family, train_set.class_names, cfg.model.fpn_channels, method.encoder_width, cfg.model.backbone
-    )
-    if stage == "baseline":
-        return Objective(Baseline(detector), {}, total, 0, meta)
-    if stage == "step1":
-        warmup = round(method.step1_warmup * cfg.train.base_iters)
-        model = Step1(
-            detector,
-            build_label_encoder(meta),
-            method.reconstruction_weight,
-            method.detection_weight,
-            method.distance_weight,
-            method.box_jitter,
-        )
-        distance = weight_on_between(warmup, warmup + total, method.distance_weight)
-        return Objective(model, {"distance": distance}, warmup + total, warmup, meta)
-    if label_encoder is None:
-        raise UserError("step2 needs a label encoder file (--label-encoder FILE) written by step1")
-    artifact = load_label_encoder(label_encoder)
-    check_compatible(artifact["meta"], meta, label_encoder)
-    init_detector_from_artifact(detector, artifact)
-    model = Step2(detector, encoder_from_artifact(artifact), method.distance_weight)
-    cutoff = total - round(method.distance_cutoff * total)
-    return Objective(model, {"distance": weight_on_between(0, cutoff, method.distance_weight)}, total, 0, artifact["meta"])
-
-
-def train(
-    cfg: Config,
-    stage: Stage = "baseline",
-    label_encoder: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> RunResult:
-    """Train one stage as configured, write its weights (and Step 1's label encoder) and evaluate them."""
-    start_time = time.perf_counter()
-    device = local_device(cfg.train.device)
-    init_distributed(device)
-    output_dir = Path(cfg.output_dir)
-    prepare_output_dir(output_dir, resume, overwrite)
-    _configure_logging(output_dir)
-    _seed(cfg)
-
-    family = FAMILIES[cfg.model.family]
-    train_set, val_set = build_datasets(cfg, with_masks=family.with_masks)  # validates the data first
-    if is_main_process():
-        save_config(cfg, output_dir / "config.yaml")
-    detector = build_detector(cfg.model, _num_classes(cfg, train_set))
-    objective = build_objective(cfg, stage, detector, train_set, label_encoder)
-    model, max_iter = objective.model.to(device), objective.max_iter
-
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters, at the LR scaled linearly from the reference batch to ``train.batch_size``."""
     lr = scaled_lr(cfg.train.base_lr, cfg.train.reference_batch_size, cfg.train.batch_size)
-    logger.info(
-        "%s: %d iterations, global batch %d on %d process(es), lr %.5g (base %.5g for batch %d)",
-        stage, max_iter, cfg.train.batch_size, get_world_size(), lr, cfg.train.base_lr, cfg.train.reference_batch_size,
-    )
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-    milestones = cfg.train.decay_milestones(cfg.train.max_iters, offset=objective.lr_offset)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    logger.info("global batch %d on %d process(es), lr %.5g (base %.5g for batch %d)", cfg.train.batch_size,
+                get_world_size(), lr, cfg.train.base_lr, cfg.train.reference_batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+
+
+def build_lr_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, offset: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then x0.1 at the configured fractions of the schedule, which starts after ``offset`` iterations."""
+    milestones = cfg.train.decay_milestones(cfg.train.max_iters, offset=offset)
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupMultiStep(milestones, cfg.train.warmup_iters, cfg.train.warmup_factor)
     )
-    extra = {"config": cfg.model_dump(mode="json"), "stage": stage}
-    checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra)
-    start_iter = 0
-    if resume and latest_checkpoint(output_dir) is not None:
-        start_iter = checkpointer.resume()
-    elif resume:
-        logger.info("--resume: no checkpoint in %s yet, starting at iteration 0", output_dir)
 
-    trained = model
-    if get_world_size() > 1:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=stage != "baseline")
-    hooks = [
+
+def default_hooks(
+    cfg: Config, objective: Objective, scheduler: torch.optim.lr_scheduler.LRScheduler, checkpointer: Checkpointer,
+    description: str,
+) -> list[Hook]:
+    """Loss-weight schedules, LR schedule, periodic checkpoints, metrics log and progress bar, in that order."""
+    return [
         LossWeights(objective.weight_schedules),
         LRScheduler(scheduler),
         PeriodicCheckpoint(checkpointer, cfg.train.checkpoint_period),
-        MetricsWriter(output_dir, cfg.train.log_period),
-        ProgressBar(f"{stage} {output_dir.name}"),
+        MetricsWriter(checkpointer.output_dir, cfg.train.log_period),
+        ProgressBar(description),
     ]
-    loader = build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size())
+
+
+def resume_or_start(checkpointer: Checkpointer, resume: bool) -> int:
+    """The iteration to start from: the latest checkpoint's with ``resume`` (when there is one), else 0."""
+    if resume and latest_checkpoint(checkpointer.output_dir) is not None:
+        return checkpointer.resume()
+    if resume:
+        logger.info("--resume: no checkpoint in %s yet, starting at iteration 0", checkpointer.output_dir)
+    return 0
+
+
+def wrap_distributed(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` when several processes train, else ``model`` itself."""
+    if get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def train(
+    cfg: Config, stage: str = "baseline", inputs: Mapping[str, str] | None = None, resume: bool = False,
+    overwrite: bool = False, init_weights: str | Path | None = None,
+) -> RunResult:
+    """Train one stage of :data:`~labelenc.stages.STAGES`, write its weights and outputs, then evaluate them.
+
+    ``inputs`` are the files the stage reads (Step 2: ``{"label_encoder": path}``); ``init_weights`` loads detector
+    weights before the stage's own initialisation and starts at iteration 0 (``resume`` continues a run instead).
+    """
+    recipe, inputs, start_time = STAGES[stage], dict(inputs or {}), time.perf_counter()
+    recipe.check_inputs(inputs)
+    run = start_run(cfg, resume, overwrite)
+    device, output_dir, train_set = run.device, run.output_dir, run.train_set
+    detector = build_detector(cfg.model, _num_classes(cfg, train_set))
+    if init_weights is not None:
+        load_detector_weights(detector, init_weights, cfg, train_set.class_names)
+    objective = recipe.build(cfg, detector, train_set.class_names, inputs)
+    model = objective.model.to(device)
+    logger.info("%s: %d iterations", stage, objective.max_iter)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
+    extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names}
+    checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time)
+    start_iter = resume_or_start(checkpointer, resume)
     trainer = Trainer(
-        trained, optimizer, loader, max_iter, device, hooks, cfg.train.grad_clip, cfg.train.amp, cfg.train.max_bad_steps
+        wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
+        build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
+        default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}"), cfg.train.grad_clip,
+        cfg.train.amp, cfg.train.max_bad_steps,
     )
     trainer.train(start_iter)
-
-    weights = output_dir / FINAL_WEIGHTS
-    encoder_path = output_dir / LABEL_ENCODER if stage == "step1" else None
+    weights, outputs = output_dir / FINAL_WEIGHTS, {}
     if is_main_process():
         save_file({"kind": "detector", "model": detector.state_dict(), **extra}, weights)
-        if encoder_path is not None:
-            save_label_encoder(encoder_path, model.encoder, detector, objective.meta, extra["config"])
-    metrics = evaluate_detector(detector, val_set, device, _iou_types(cfg), cfg.train.batch_size, cfg.data.num_workers)
-    wall_time = time.perf_counter() - start_time
+        outputs = objective.save_outputs(output_dir, extra["config"]) if objective.save_outputs else {}
+    metrics = evaluate_detector(detector, run.val_set, device, _iou_types(cfg), cfg.train.batch_size,
+                                cfg.data.num_workers)
+    wall_time = checkpointer.wall_time()
     if is_main_process():
         write_eval(weights, metrics)
-        summary = {"stage": stage, "iterations": max_iter, "wall_time": wall_time, "metrics": metrics}
-        write_text_atomic(output_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return RunResult(output_dir, weights, metrics, wall_time, encoder_path)
+        write_json_atomic(output_dir / SUMMARY, {
+            "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
+            "wall_time_this_process": time.perf_counter() - start_time, "metrics": metrics})
+    return RunResult(output_dir, weights, metrics, wall_time, outputs)
 
 
 def _iou_types(cfg: Config) -> tuple[str, ...]:
@@ -254,19 +312,46 @@ def evaluate_detector(
     return evaluator.summarize() if is_main_process() else {}
 
 
-def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
-    """Evaluate a weights file (final weights or a training checkpoint) on the validation split of ``cfg``."""
-    device = local_device(cfg.train.device)
-    train_set, val_set = build_datasets(cfg, with_masks=False)
-    detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}), _num_classes(cfg, train_set))
+_DETECTOR_KEYS = ("family", "backbone", "fpn_channels")
+
+
+def load_detector_weights(detector: nn.Module, weights: str | Path, cfg: Config, class_names: list[str]) -> None:
+    """Load a weights file (``model_final.pth``, or a training checkpoint's detector part) strictly into ``detector``.
+
+    The file records the config and classes it was trained with; any difference from ``cfg`` and ``class_names`` in
+    what the detector is (family, backbone, FPN width, classes) is one error naming each difference.
+    """
     state = load_file(weights, kind="weights")
+    if state.get("kind") == "label_encoder":
+        raise CheckpointError(f"{weights} is a label-encoder file (h and the head, written by step1), not detector "
+                              "weights: use model_final.pth or a checkpoint_*.pth of a run")
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{weights} holds no detector weights (no 'model' entry): expected model_final.pth or "
+                              "a checkpoint_*.pth of a run")
+    trained = state.get("config", {}).get("model", {})
+    differs = [f"{k}: weights {trained[k]!r}, config {getattr(cfg.model, k)!r}" for k in _DETECTOR_KEYS
+               if k in trained and trained[k] != getattr(cfg.model, k)]
+    if "class_names" in state and state["class_names"] != class_names:
+        differs.append(f"classes: weights {state['class_names']}, data {class_names}")
+    if differs:
+        raise UserError(f"{weights} does not fit the detector of this config: " + "; ".join(differs))
     model_state = state["model"]
     if state.get("kind") != "detector":  # a training checkpoint: keep the detector's part
         model_state = {k[len("detector."):]: v for k, v in model_state.items() if k.startswith("detector.")}
     try:
         detector.load_state_dict(model_state, strict=True)
     except RuntimeError as err:
-        raise UserError(f"{weights} does not fit the detector of this config: {str(err).splitlines()[0]}") from None
+        reason = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"{weights} does not fit the detector of this config: {reason}") from None
+    logger.info("loaded detector weights from %s", weights)
+
+
+def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
+    """Evaluate a weights file (final weights or a training checkpoint) on the validation split of ``cfg``."""
+    device = local_device(cfg.train.device)
+    train_set, val_set = build_datasets(cfg, with_masks=False)
+    detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}), _num_classes(cfg, train_set))
+    load_detector_weights(detector, weights, cfg, train_set.class_names)
     metrics = evaluate_detector(detector.to(device), val_set, device, _iou_types(cfg), cfg.train.batch_size,
                                 cfg.data.num_workers)
     if is_main_process():
@@ -276,6 +361,4 @@ def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
 
 def write_eval(weights: Path, metrics: dict) -> Path:
     """Save COCO metrics as JSON beside the weights they belong to."""
-    path = weights.with_name(weights.stem + "_eval.json")
-    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
-    return path
+    return write_json_atomic(weights.with_name(weights.stem + "_eval.json"), metrics)

@@ -285,12 +285,12 @@ def test_step1_artifact_from_resnet18_trains_resnet34_step2(tiny_config: Callabl
     """A ResNet-18 Step-1 artifact initialises and supervises a ResNet-34 Step 2 (paper, Table 3: other backbone)."""
     cfg1 = tiny_config(train={"base_iters": 2}, output_dir=str(tmp_path / "step1"))
     step1 = runner.train(cfg1, "step1")
-    artifact = load_label_encoder(step1.label_encoder)
+    artifact = load_label_encoder(step1.outputs["label_encoder"])
     assert artifact["meta"]["step1_backbone"] == "resnet18"
     assert artifact["meta"]["class_names"] == CLASS_NAMES
 
     cfg2 = tiny_config(model={"backbone": "resnet34"}, train={"base_iters": 2}, output_dir=str(tmp_path / "step2"))
-    step2 = runner.train(cfg2, "step2", label_encoder=str(step1.label_encoder))
+    step2 = runner.train(cfg2, "step2", {"label_encoder": str(step1.outputs["label_encoder"])})
 
     final = load_file(step2.weights, kind="weights")
     detector = build_detector(cfg2.model, NUM_CLASSES)
@@ -321,7 +321,7 @@ def test_runner_step2_refuses_incompatible_artifact(
     cfg = tiny_config(output_dir=str(tmp_path / "step2"))
 
     with pytest.raises(IncompatibleLabelEncoder, match=named) as info:
-        runner.train(cfg, "step2", label_encoder=str(path))
+        runner.train(cfg, "step2", {"label_encoder": str(path)})
 
     assert str(path) in str(info.value)
     assert not (tmp_path / "step2" / runner.FINAL_WEIGHTS).exists()

@@ -20,7 +20,7 @@ from labelenc.data.loader import collate
 from labelenc.encoder import LabelEncoder
 from labelenc.engine.checkpoint import latest_checkpoint, load_file
 from labelenc.labelmap import render_label_maps
-from labelenc.method import FeatureAdaption, Step1, Step2, label_maps_of, loss_feature_distance
+from labelenc.method import FeatureAdaption, LabelEncoderTarget, Step1, Step2, label_maps_of, loss_feature_distance
 from labelenc.models import build_detector, family_of
 
 NUM_CLASSES = 3
@@ -37,6 +37,11 @@ def synth_batch(synth_root: Path, with_masks: bool = True) -> tuple[list[Tensor]
     dataset = CocoDetection(synth_root / "annotations/instances_train.json", synth_root / "train", with_masks=with_masks)
     assert dataset.class_names == CLASS_NAMES
     return collate([dataset[i] for i in BATCH_INDICES])
+
+
+def step2_of(detector: nn.Module, encoder: LabelEncoder, weight: float = 1.0) -> Step2:
+    """Step 2 towards h(y) (mask-aware label maps for Mask R-CNN), as the step2 recipe builds it."""
+    return Step2(detector, LabelEncoderTarget(encoder, family_of(detector).with_masks), weight)
 
 
 def build_parts(cfg: Config, seed: int = 0) -> tuple[nn.Module, LabelEncoder]:
@@ -166,7 +171,7 @@ def test_feature_adaption_structure() -> None:
 def test_objectives_own_one_adaption_net_of_fpn_width(tiny_config: Callable[..., Config], stage: str) -> None:
     """Step 1 and Step 2 each hold exactly one (shared) adaption net with the FPN's channel count."""
     detector, encoder = build_parts(tiny_config())
-    model = Step1(detector, encoder) if stage == "step1" else Step2(detector, encoder)
+    model = Step1(detector, encoder) if stage == "step1" else step2_of(detector, encoder)
     adaptions = [m for m in model.modules() if isinstance(m, FeatureAdaption)]
     assert len(adaptions) == 1
     convs = [m for m in adaptions[0].modules() if isinstance(m, nn.Conv2d)]
@@ -266,7 +271,7 @@ def test_zero_distance_weight_removes_feature_distance(
     detector, encoder = build_parts(tiny_config())
     images, targets = synth_batch(synth_root, with_masks=False)
     weight = 0.0 if how == "constructor" else 1.0
-    model = Step1(detector, encoder, distance_weight=weight) if stage == "step1" else Step2(detector, encoder, weight)
+    model = Step1(detector, encoder, distance_weight=weight) if stage == "step1" else step2_of(detector, encoder, weight)
     if how == "schedule":
         model.loss_weights["distance"] = 0.0  # what the LossWeights hook does in warm-up / after the cut-off
     model.train()
@@ -314,7 +319,7 @@ def test_step2_encoder_frozen_through_training(tiny_config: Callable[..., Config
     """In Step 2, h has requires_grad False, stays in eval mode, gets no gradient and is bit-identical after steps."""
     detector, encoder = build_parts(tiny_config())
     images, targets = synth_batch(synth_root, with_masks=False)
-    model = Step2(detector, encoder)
+    model = step2_of(detector, encoder)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     backbone_before = [p.detach().clone() for p in detector.backbone.parameters()]
     adaption_before = [p.detach().clone() for p in model.adaption.parameters()]
@@ -349,7 +354,7 @@ def test_encoder_input_is_label_map_of_transformed_batch(
     """h sees the compact label map of the resized batch; for Mask R-CNN it is mask-aware (0 outside the instances)."""
     detector, encoder = build_parts(tiny_config(family))
     images, targets = synth_batch(synth_root, with_masks=True)
-    model = (Step1(detector, encoder, box_jitter=False) if stage == "step1" else Step2(detector, encoder)).train()
+    model = (Step1(detector, encoder, box_jitter=False) if stage == "step1" else step2_of(detector, encoder)).train()
     seen: list[tuple[Tensor, Tensor]] = []
     handle = encoder.register_forward_pre_hook(lambda module, args: seen.append((args[0].detach(), args[1])))
     try:
@@ -388,8 +393,8 @@ def test_step2_final_weights_are_a_plain_detector(tiny_config: Callable[..., Con
     cfg1 = tiny_config(train={"base_iters": 2}, output_dir=str(tmp_path / "step1"))
     cfg2 = tiny_config(train={"base_iters": 2}, output_dir=str(tmp_path / "step2"))
     step1 = runner.train(cfg1, "step1")
-    assert step1.label_encoder is not None and step1.label_encoder.is_file()
-    step2 = runner.train(cfg2, "step2", label_encoder=str(step1.label_encoder))
+    assert step1.outputs["label_encoder"].is_file()
+    step2 = runner.train(cfg2, "step2", {"label_encoder": str(step1.outputs["label_encoder"])})
 
     final = load_file(step2.weights, kind="weights")
     assert final["kind"] == "detector"
@@ -403,18 +408,18 @@ def test_step2_final_weights_are_a_plain_detector(tiny_config: Callable[..., Con
     assert not has_hooks(loaded)
 
     # The training object (Step2 wrapper: detector + frozen h + A), restored from the last checkpoint of the run.
-    artifact = load_label_encoder(step1.label_encoder)
-    trained = Step2(build_detector(cfg2.model, NUM_CLASSES), build_label_encoder(artifact["meta"]))
+    artifact = load_label_encoder(step1.outputs["label_encoder"])
+    trained = Step2(build_detector(cfg2.model, NUM_CLASSES), LabelEncoderTarget(build_label_encoder(artifact["meta"])))
     checkpoint = load_file(latest_checkpoint(cfg2.output_dir))
     assert checkpoint["iteration"] == cfg2.train.max_iters
     trained.load_state_dict(checkpoint["model"], strict=True)
-    assert any(k.startswith("encoder.") for k in checkpoint["model"])
+    assert any(k.startswith("target.encoder.") for k in checkpoint["model"])
     assert any(k.startswith("adaption.") for k in checkpoint["model"])
     detector_part = {k[len("detector."):]: v for k, v in checkpoint["model"].items() if k.startswith("detector.")}
     assert set(detector_part) == set(final["model"])
     assert all(torch.equal(detector_part[k], final["model"][k]) for k in detector_part)
     # h was not changed by Step 2.
-    assert all(torch.equal(checkpoint["model"][f"encoder.{k}"], v) for k, v in artifact["encoder"].items())
+    assert all(torch.equal(checkpoint["model"][f"target.encoder.{k}"], v) for k, v in artifact["encoder"].items())
 
     dataset = CocoDetection(cfg2.data.val.annotations, cfg2.data.val.images)
     images, _ = collate([dataset[i] for i in range(4)])

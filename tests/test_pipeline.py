@@ -10,7 +10,8 @@ from conftest import tiny_raw
 
 from labelenc.config import build_config
 from labelenc.pipeline import RUNS, run_pipeline
-from labelenc.runner import FINAL_WEIGHTS, LABEL_ENCODER, SUMMARY
+from labelenc.runner import FINAL_WEIGHTS, SUMMARY
+from labelenc.stages import LABEL_ENCODER
 
 
 @pytest.fixture

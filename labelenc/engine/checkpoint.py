@@ -1,18 +1,27 @@
-"""Checkpoint files: written atomically by the main process, read back with ``weights_only=True``."""
+"""Checkpoint files: written atomically by the main process, read back with ``weights_only=True``.
+
+:func:`save_file` / :func:`load_file` are the format (tensors and plain data, stamped with a version);
+:class:`Checkpointer` saves and restores one run directory's training state with them.
+"""
 
 from __future__ import annotations
 
-import os
+import logging
 import pickle
-import tempfile
+import re
+import time
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+from torch import nn
 
 from labelenc import __version__
+from labelenc.engine.distributed import is_main_process, unwrap
 from labelenc.errors import UserError
+from labelenc.fileio import write_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -21,30 +30,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the file."""
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write`` into a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_file(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` (tensors and plain data) to ``path`` atomically, stamped with the format version."""
     payload = {**payload, "format_version": FORMAT_VERSION, "labelenc_version": __version__}
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace a small text file (pointer, JSON summary) so that a crash leaves the old or the new one whole."""
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
@@ -52,6 +41,11 @@ def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{kind} file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        what = "is empty" if not head else "looks like text" if _is_text(path) else "is in another binary format"
+        raise CheckpointError(f"{path} is not a torch file: it {what}; expected a labelenc {kind} file (.pth)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -70,13 +64,112 @@ def load_file(path: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
     return payload
 
 
+def _is_text(path: Path) -> bool:
+    try:
+        path.read_bytes()[:512].decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint_\d+\.pth")
+
+
+def _pointer_target(output_dir: Path) -> str | None:
+    """The file name ``output_dir/last_checkpoint`` holds, if it holds one (it may be torn or overwritten)."""
+    pointer = output_dir / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not _CHECKPOINT_NAME.fullmatch(name):
+        logger.warning("%s does not name a checkpoint file (expected checkpoint_NNNNNNN.pth); using the newest "
+                       "checkpoint_*.pth instead", pointer)
+        return None
+    return name
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The run's checkpoints, newest first: the one ``last_checkpoint`` names, then ``checkpoint_*.pth`` by iteration."""
+    output_dir = Path(output_dir)
+    found = sorted(output_dir.glob("checkpoint_*.pth"), reverse=True)
+    named = _pointer_target(output_dir)
+    first = [output_dir / named] if named and (output_dir / named).is_file() else []
+    return first + [p for p in found if p not in first]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint named in ``output_dir/last_checkpoint``, else the newest ``checkpoint_*.pth``, else None."""
-    output_dir = Path(output_dir)
-    pointer = output_dir / "last_checkpoint"
-    if pointer.is_file() and pointer.read_text().strip():
-        path = output_dir / pointer.read_text().strip()
-        if path.is_file():
-            return path
-    found = sorted(output_dir.glob("checkpoint_*.pth"))
-    return found[-1] if found else None
+    found = checkpoints(output_dir)
+    return found[0] if found else None
+
+
+class Checkpointer:
+    """Saves and restores model, optimizer, scheduler, iteration and RNG state of one run directory."""
+
+    def __init__(
+        self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict, start_time: float | None = None
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.output_dir = Path(output_dir)
+        self.extra = extra  # config, stage: recorded in every file
+        self.start_time = time.perf_counter() if start_time is None else start_time  # this process's start
+        self.earlier_wall_time = 0.0  # seconds of the run's earlier processes, up to the resumed checkpoint
+
+    def wall_time(self) -> float:
+        """Seconds the run's kept work took: earlier processes up to the resumed checkpoint, plus this one."""
+        return self.earlier_wall_time + time.perf_counter() - self.start_time
+
+    def save(self, name: str, iteration: int) -> Path:
+        path = self.output_dir / f"{name}.pth"
+        if is_main_process():
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            save_file(
+                {
+                    "model": unwrap(self.model).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "iteration": iteration,
+                    "rng": rng,
+                    "wall_time": self.wall_time(),
+                    **self.extra,
+                },
+                path,
+            )
+            write_text_atomic(self.output_dir / "last_checkpoint", path.name)
+        return path
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint that loads; returns the iteration to continue from.
+
+        A checkpoint that does not load (truncated by a crash or an incomplete copy) is set aside as ``*.broken``
+        and the previous one is used; hidden ``*.tmp`` files left by a save that was killed are removed.
+        """
+        for leftover in self.output_dir.glob(".*.tmp"):
+            if is_main_process():
+                logger.warning("removing %s, left by a save that was interrupted", leftover)
+                leftover.unlink(missing_ok=True)
+        for path in checkpoints(self.output_dir):
+            try:
+                state = load_file(path)
+                break
+            except CheckpointError as err:
+                logger.warning("%s; set aside as %s.broken, trying the previous checkpoint", err, path.name)
+                if is_main_process():
+                    path.rename(path.with_name(path.name + ".broken"))
+        else:
+            raise CheckpointError(f"--resume: no checkpoint in {self.output_dir} can be loaded; "
+                                  "start afresh with --overwrite")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.earlier_wall_time = state.get("wall_time", 0.0)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        logger.info("resumed from %s at iteration %d", path, state["iteration"])
+        return state["iteration"]

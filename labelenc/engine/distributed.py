@@ -6,6 +6,8 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from labelenc.errors import UserError
 
@@ -46,3 +48,8 @@ def all_gather_objects(obj: object) -> list[object]:
     gathered: list[object] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

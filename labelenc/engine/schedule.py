@@ -32,3 +32,8 @@ def weight_on_between(start: int, stop: int, weight: float):
         return weight if start <= iteration < stop else 0.0
 
     return schedule
+
+
+def scaled_lr(base_lr: float, reference_batch: int, batch_size: int) -> float:
+    """Linear scaling rule: the base LR is given for ``reference_batch`` images per iteration."""
+    return base_lr * batch_size / reference_batch

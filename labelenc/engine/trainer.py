@@ -1,28 +1,21 @@
 """A small iteration-based training loop with hooks, after detectron2's ``TrainerBase``.
 
 ``run_step`` = next batch → loss dict → sum → backward → (clip) → step. Everything else (LR schedule, loss-weight
-schedules, checkpoints, metrics, progress) is a :class:`Hook`. The model is any module whose training forward
-``model(images, targets)`` returns a dict of already-weighted losses; the loop never needs to know which.
+schedules, checkpoints, metrics, progress) is a :class:`Hook` (see :mod:`labelenc.engine.hooks`). The model is any
+module whose training forward ``model(images, targets)`` returns a dict of already-weighted losses; the loop never
+needs to know which.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from labelenc.engine.checkpoint import latest_checkpoint, load_file, save_file, write_text_atomic
-from labelenc.engine.distributed import is_main_process
-from labelenc.errors import UserError
+from labelenc.errors import UserError, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +28,16 @@ def move_to_device(batch: tuple[list, list], device: torch.device) -> tuple[list
     return images, targets
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training diverged: too many consecutive non-finite losses."""
+
+
+class BatchError(UserError):
+    """The next batch could not be read (an unreadable image, say); ``iteration`` is the one that did not run."""
+
+    def __init__(self, message: str, iteration: int) -> None:
+        super().__init__(message)
+        self.iteration = iteration
 
 
 class Hook:
@@ -76,6 +73,7 @@ class Trainer:
         self.bad_steps = 0  # consecutive iterations skipped for a non-finite loss or gradient
         self.iter = 0
         self.metrics: dict[str, float] = {}
+        self.error: BaseException | None = None  # what stopped training early, for the hooks' after_train
 
     def train(self, start_iter: int = 0) -> None:
         self.iter = start_iter
@@ -90,14 +88,21 @@ class Trainer:
                 for hook in self.hooks:
                     hook.after_step(self)
                 self.iter += 1
-        finally:  # progress bar and writers are closed on failure too
+        except BaseException as err:
+            self.error = err
+            raise
+        finally:  # progress bar and writers are closed on failure too; a checkpoint may be written
             for hook in self.hooks:
                 hook.after_train(self)
 
     def run_step(self, data_iter: Iterator) -> None:
         self.model.train()
         start = time.perf_counter()
-        images, targets = move_to_device(next(data_iter), self.device)
+        try:
+            batch = next(data_iter)
+        except UserError as err:  # nothing of this iteration has run: the state is that of the previous one
+            raise BatchError(f"{error_text(err)}; training stopped before iteration {self.iter}", self.iter) from None
+        images, targets = move_to_device(batch, self.device)
         data_time = time.perf_counter() - start
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss_dict = self.model(images, targets)
@@ -136,170 +141,3 @@ class Trainer:
                 f"{self.iter}: {terms}); stopping. The last checkpoint holds the last good weights: lower "
                 "train.base_lr or set train.grad_clip, then --resume."
             )
-
-
-class LRScheduler(Hook):
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        self.scheduler = scheduler
-
-    def after_step(self, trainer: Trainer) -> None:
-        self.scheduler.step()
-
-
-class LossWeights(Hook):
-    """Sets ``model.loss_weights[name] = schedule(iteration)`` before every step (warm-up, cut-off)."""
-
-    def __init__(self, schedules: dict[str, Callable[[int], float]]) -> None:
-        self.schedules = schedules
-
-    def before_step(self, trainer: Trainer) -> None:
-        weights = unwrap(trainer.model).loss_weights
-        for name, schedule in self.schedules.items():
-            weights[name] = schedule(trainer.iter)
-
-
-class Checkpointer:
-    """Saves and restores model, optimizer, scheduler, iteration and RNG state of one run directory."""
-
-    def __init__(self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.output_dir = Path(output_dir)
-        self.extra = extra  # config, stage: recorded in every file
-
-    def save(self, name: str, iteration: int) -> Path:
-        path = self.output_dir / f"{name}.pth"
-        if is_main_process():
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            save_file(
-                {
-                    "model": unwrap(self.model).state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "iteration": iteration,
-                    "rng": rng,
-                    **self.extra,
-                },
-                path,
-            )
-            write_text_atomic(self.output_dir / "last_checkpoint", path.name)
-        return path
-
-    def resume(self) -> int:
-        """Restore the latest checkpoint of the run directory; returns the iteration to continue from."""
-        path = latest_checkpoint(self.output_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir}")
-        state = load_file(path)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        logger.info("resumed from %s at iteration %d", path, state["iteration"])
-        return state["iteration"]
-
-
-class PeriodicCheckpoint(Hook):
-    """A checkpoint every ``period`` iterations and at the end of training."""
-
-    def __init__(self, checkpointer: Checkpointer, period: int) -> None:
-        self.checkpointer, self.period = checkpointer, period
-
-    def after_step(self, trainer: Trainer) -> None:
-        done = trainer.iter + 1
-        if done % self.period == 0 or done == trainer.max_iter:
-            self.checkpointer.save(f"checkpoint_{done:07d}", done)
-
-
-class MetricsWriter(Hook):
-    """JSON lines (and TensorBoard when installed) every ``period`` iterations, from the main process only.
-
-    Losses are averaged over the period. On resume, lines past the resumed iteration are dropped so the file
-    reads as one uninterrupted run.
-    """
-
-    def __init__(self, output_dir: str | Path, period: int) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.period = period
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.tensorboard = None
-
-    def before_train(self, trainer: Trainer) -> None:
-        if not is_main_process():
-            return
-        if self.path.exists():  # a killed run may leave records past its checkpoint, or a torn last line
-            kept = [ln for ln in self.path.read_text().splitlines() if _iteration_of(ln) <= trainer.iter]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
-        except ImportError:
-            self.tensorboard = None
-
-    def after_step(self, trainer: Trainer) -> None:
-        for k, v in trainer.metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        done = trainer.iter + 1
-        if (done % self.period and done != trainer.max_iter) or not is_main_process():
-            return
-        record = {"iteration": done, **{k: v / self.counts[k] for k, v in self.sums.items()}}
-        record["lr"] = trainer.metrics["lr"]
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for k, v in record.items():
-                if k != "iteration":
-                    self.tensorboard.add_scalar(k, v, done)
-        self.sums, self.counts = {}, {}
-
-    def after_train(self, trainer: Trainer) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _iteration_of(line: str) -> float:
-    try:
-        return json.loads(line)["iteration"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-class ProgressBar(Hook):
-    """tqdm bar with ETA and running means of the loss terms (main process only)."""
-
-    def __init__(self, description: str, window: int = 20) -> None:
-        self.description, self.window = description, window
-        self.bar: tqdm | None = None
-        self.recent: dict[str, deque] = {}
-
-    def before_train(self, trainer: Trainer) -> None:
-        if is_main_process():
-            self.bar = tqdm(
-                total=trainer.max_iter, initial=trainer.iter, desc=self.description, dynamic_ncols=True, mininterval=1
-            )
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self.bar is None:
-            return
-        skip = {"lr", "time", "data_time", "skipped"}
-        for k, v in trainer.metrics.items():
-            if k not in skip:
-                self.recent.setdefault(k, deque(maxlen=self.window)).append(v)
-        shown = {k: f"{sum(v) / len(v):.3f}" for k, v in self.recent.items() if not math.isnan(v[-1])}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)
-
-    def after_train(self, trainer: Trainer) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def scaled_lr(base_lr: float, reference_batch: int, batch_size: int) -> float:
-    """Linear scaling rule: the base LR is given for ``reference_batch`` images per iteration."""
-    return base_lr * batch_size / reference_batch

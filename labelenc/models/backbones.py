@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +19,6 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from labelenc.errors import UserError
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-MOBILENETS = ("mobilenet_v3_large",)
 
 
 class WeightsError(UserError, RuntimeError):
@@ -67,12 +65,32 @@ def resolve_backbone_weights(backbone: str, spec: str) -> dict[str, torch.Tensor
     return load_state_dict_file(cached)
 
 
-def _trainable(requested: int | None, pretrained: bool, maximum: int) -> int:
-    if requested is None:
-        return 3 if pretrained else maximum
-    if requested > maximum:
-        raise ValueError(f"model.trainable_layers={requested} is above this backbone's maximum of {maximum}")
-    return requested
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: how its classification net becomes a C2..C5 extractor, and its limits."""
+
+    extractor: Callable[[nn.Module, int, list[int], ExtraFPNBlock], BackboneWithFPN]
+    max_trainable_layers: int  # torchvision's trainable_layers maximum for this network
+    default_trainable_layers: int  # with pretrained weights (random init trains every layer)
+    classifier_prefix: str  # state-dict prefix of the classification head, dropped from ImageNet weights
+
+
+def _mobilenet_v3_extractor(
+    net: nn.Module, layers: int, returned_layers: list[int], extra: ExtraFPNBlock
+) -> BackboneWithFPN:
+    # MobileNetV3 stages 1..5 sit at strides 4, 8, 16, 32, 32; use the last (widest) one as C5.
+    stage_of_level = {1: 1, 2: 2, 3: 3, 4: 5}
+    return _mobilenet_extractor(net, True, layers, [stage_of_level[k] for k in returned_layers], extra)
+
+
+_RESNET = BackboneSpec(_resnet_fpn_extractor, 5, 3, "fc.")
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": _RESNET,
+    "resnet34": _RESNET,
+    "resnet50": _RESNET,
+    "resnet101": _RESNET,
+    "mobilenet_v3_large": BackboneSpec(_mobilenet_v3_extractor, 6, 3, "classifier."),
+}
 
 
 def build_backbone(
@@ -83,17 +101,21 @@ def build_backbone(
     fpn_channels: int,
     extra_blocks: Callable[[int], ExtraFPNBlock],
 ) -> BackboneWithFPN:
-    """ResNet or MobileNetV3 body with an FPN of ``fpn_channels`` channels on C2..C5 (``returned_layers`` in 1..4).
+    """Body ``name`` (a key of :data:`BACKBONES`) with an FPN of ``fpn_channels`` channels on C2..C5 (``returned_layers``
+    in 1..4).
 
     As in torchvision: BatchNorm from random init, FrozenBatchNorm with pretrained weights; the first layers are
-    frozen only for pretrained weights (``trainable_layers`` None: 3 for ResNets, all from random init).
+    frozen only for pretrained weights (``trainable_layers`` None: the backbone's default, all from random init).
     """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
     pretrained = weights is not None
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     net = get_model(name, weights=None, norm_layer=norm)
     if pretrained:
         state = resolve_backbone_weights(name, weights)
-        head_prefix = "fc." if name in RESNETS else "classifier."
+        head_prefix = spec.classifier_prefix
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
         result = net.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
@@ -102,18 +124,12 @@ def build_backbone(
                 f"backbone weights {weights!r} do not fit {name}: missing {missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
-    if name in RESNETS:
-        layers = _trainable(trainable_layers, pretrained, maximum=5)
-        body = _resnet_fpn_extractor(net, layers, returned_layers, extra_blocks(256))
-    elif name in MOBILENETS:
-        # MobileNetV3 stages 1..5 sit at strides 4, 8, 16, 32, 32; use the last (widest) one as C5.
-        stage_of_level = {1: 1, 2: 2, 3: 3, 4: 5}
-        layers = _trainable(trainable_layers, pretrained, maximum=6)
-        body = _mobilenet_extractor(
-            net, True, layers, [stage_of_level[k] for k in returned_layers], extra_blocks(256)
-        )
-    else:
-        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(RESNETS + MOBILENETS)}")
+    if trainable_layers is None:
+        trainable_layers = spec.default_trainable_layers if pretrained else spec.max_trainable_layers
+    elif trainable_layers > spec.max_trainable_layers:
+        raise ValueError(f"model.trainable_layers={trainable_layers} is above {name}'s maximum of "
+                         f"{spec.max_trainable_layers}")
+    body = spec.extractor(net, trainable_layers, returned_layers, extra_blocks(256))
     if fpn_channels != 256:  # torchvision's extractors fix 256 FPN channels
         in_channels = [block[0].in_channels for block in body.fpn.inner_blocks]
         body.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=extra_blocks(fpn_channels))

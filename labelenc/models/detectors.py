@@ -1,4 +1,9 @@
-"""torchvision detectors built from a config, and the one adapter call LabelEnc needs: head losses on any features.
+"""torchvision detectors built from a config, one small adapter per family.
+
+An adapter (:class:`DetectorFamily`) owns everything that differs between families: the head modules, how the
+family's own losses are computed on any feature dict (:meth:`~DetectorFamily.head_losses`), the pyramid levels,
+the FPN extra block and the anchor settings. Adding a family is one new registered adapter; nothing else in the
+package asks which family a detector is.
 
 Every family keeps torchvision's conventions: labels 1..C with 0 reserved for background, so the model is built
 with ``num_classes = C + 1`` (as torchvision's own COCO detectors); training returns a loss dict, evaluation a list
@@ -8,95 +13,163 @@ of ``{"boxes", "scores", "labels"[, "masks"]}`` per image in input-image coordin
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from labelenc.config import ModelConfig
 from labelenc.models.backbones import build_backbone
 
+if TYPE_CHECKING:
+    from labelenc.config import ModelConfig
 
-@dataclass(frozen=True)
-class Family:
-    """What differs between detector families: pyramid levels, FPN extra block, head modules."""
+Features = OrderedDict[str, Tensor]
+FAMILIES: dict[str, DetectorFamily] = {}
 
+
+def register_family(family: type[DetectorFamily]) -> type[DetectorFamily]:
+    """Class decorator: add one instance of an adapter to :data:`FAMILIES` under its ``name``."""
+    FAMILIES[family.name] = family()
+    return family
+
+
+class DetectorFamily:
+    """What LabelEnc needs to know about one torchvision detector family."""
+
+    name: str
     detector: type[nn.Module]
     returned_layers: tuple[int, ...]  # C2..C5 as 1..4, as torchvision's FPN extractors count them
-    extra_blocks: Callable[[int], ExtraFPNBlock]
-    head_modules: tuple[str, ...]  # attribute names of the detection head(s) on the model
+    head_modules: tuple[str, ...]  # attribute names of the detection head(s): what Step 1 hands to Step 2
     with_masks: bool = False
     num_levels: int = 5  # pyramid levels the head sees: P3-P7 (one-stage) or P2-P6 (R-CNN)
+    fpn_channels_multiple: int = 1  # the FPN width must be a multiple of this (GroupNorm heads)
+    anchor_generator_arg: str | None = "anchor_generator"  # None: the family takes no anchor sizes
+    detections_arg: str = "detections_per_img"
+
+    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
+        """The FPN's extra block (also used on top of the label encoder h)."""
+        raise NotImplementedError
+
+    def anchor_scales(self, size: int) -> tuple[int, ...]:
+        """Anchor sizes of one level from its base size (one scale by default)."""
+        return (size,)
+
+    def config_errors(self, cfg: ModelConfig) -> list[str]:
+        """What in a model config this family cannot build with, one message per problem."""
+        errors = []
+        if cfg.anchor_sizes is not None and self.anchor_generator_arg is None:
+            errors.append(f"model.anchor_sizes does not apply to {self.name} (its points follow the FPN strides)")
+        elif cfg.anchor_sizes is not None and len(cfg.anchor_sizes) != self.num_levels:
+            errors.append(f"model.anchor_sizes needs {self.num_levels} sizes (one per pyramid level), "
+                          f"got {len(cfg.anchor_sizes)}")
+        if cfg.fpn_channels % self.fpn_channels_multiple:
+            errors.append(f"model.fpn_channels must be a multiple of {self.fpn_channels_multiple} for {self.name} "
+                          f"(its head uses GroupNorm({self.fpn_channels_multiple}))")
+        return errors
+
+    def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
+        """The torchvision detector for ``num_classes`` object classes (background excluded)."""
+        backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.trainable_layers,
+                                  list(self.returned_layers), cfg.fpn_channels, self.extra_blocks)
+        kwargs: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size,
+                                  self.detections_arg: cfg.detections_per_image}
+        if cfg.anchor_sizes is not None:
+            errors = self.config_errors(cfg)
+            if errors:
+                raise ValueError("; ".join(errors))
+            sizes = tuple(self.anchor_scales(s) for s in cfg.anchor_sizes)
+            kwargs[self.anchor_generator_arg] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * self.num_levels)
+        return self.detector(backbone, num_classes=num_classes + 1, **kwargs)
+
+    def head_losses(
+        self, model: nn.Module, images: ImageList, features: Features, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The family's own training losses of its head(s) on ``features`` (backbone output or h(y)).
+
+        ``images`` and ``targets`` are the output of ``model.transform``; matching, sampling and losses are
+        torchvision's, called exactly as the model's own ``forward`` calls them.
+        """
+        raise NotImplementedError
 
 
-FAMILIES: dict[str, Family] = {
-    "retinanet": Family(RetinaNet, (2, 3, 4), lambda c: LastLevelP6P7(c, c), ("head",)),
-    "fcos": Family(FCOS, (2, 3, 4), lambda c: LastLevelP6P7(c, c), ("head",)),
-    "faster_rcnn": Family(FasterRCNN, (1, 2, 3, 4), lambda c: LastLevelMaxPool(), ("rpn", "roi_heads")),
-    "mask_rcnn": Family(MaskRCNN, (1, 2, 3, 4), lambda c: LastLevelMaxPool(), ("rpn", "roi_heads"), True),
-}
+class _OneStage(DetectorFamily):
+    returned_layers = (2, 3, 4)
+    head_modules = ("head",)
+
+    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
+        return LastLevelP6P7(channels, channels)
+
+    def head_outputs(self, model: nn.Module, images: ImageList, features: Features):
+        levels = list(features.values())
+        return levels, model.head(levels), model.anchor_generator(images, levels)
+
+
+@register_family
+class RetinaNetFamily(_OneStage):
+    name, detector = "retinanet", RetinaNet
+
+    def anchor_scales(self, size: int) -> tuple[int, ...]:  # torchvision's default: 3 octave scales per level
+        return (size, int(size * 2 ** (1 / 3)), int(size * 2 ** (2 / 3)))
+
+    def head_losses(self, model, images, features, targets):
+        _, outputs, anchors = self.head_outputs(model, images, features)
+        return model.compute_loss(targets, outputs, anchors)
+
+
+@register_family
+class FCOSFamily(_OneStage):
+    name, detector = "fcos", FCOS
+    fpn_channels_multiple = 32
+    anchor_generator_arg = None
+
+    def head_losses(self, model, images, features, targets):
+        levels, outputs, anchors = self.head_outputs(model, images, features)
+        return model.compute_loss(targets, outputs, anchors, [x.size(2) * x.size(3) for x in levels])
+
+
+@register_family
+class FasterRCNNFamily(DetectorFamily):
+    name, detector = "faster_rcnn", FasterRCNN
+    returned_layers = (1, 2, 3, 4)
+    head_modules = ("rpn", "roi_heads")
+    anchor_generator_arg = "rpn_anchor_generator"
+    detections_arg = "box_detections_per_img"
+
+    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
+        return LastLevelMaxPool()
+
+    def head_losses(self, model, images, features, targets):
+        proposals, rpn_losses = model.rpn(images, features, targets)
+        _, roi_losses = model.roi_heads(features, proposals, images.image_sizes, targets)
+        return {**rpn_losses, **roi_losses}
+
+
+@register_family
+class MaskRCNNFamily(FasterRCNNFamily):
+    name, detector = "mask_rcnn", MaskRCNN
+    with_masks = True
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build the torchvision detector of ``cfg.family`` for ``num_classes`` object classes (background excluded)."""
-    family = FAMILIES[cfg.family]
-    backbone = build_backbone(
-        cfg.backbone,
-        cfg.backbone_weights,
-        cfg.trainable_layers,
-        list(family.returned_layers),
-        cfg.fpn_channels,
-        family.extra_blocks,
-    )
-    kwargs: dict = dict(min_size=cfg.min_size, max_size=cfg.max_size)
-    levels = family.num_levels
-    if cfg.anchor_sizes is not None:
-        if len(cfg.anchor_sizes) != levels:
-            raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.family}, got {len(cfg.anchor_sizes)}")
-        if cfg.family == "retinanet":  # torchvision's RetinaNet default: 3 octave scales per level
-            sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in cfg.anchor_sizes)
-        else:
-            sizes = tuple((s,) for s in cfg.anchor_sizes)
-        kwargs["rpn_anchor_generator" if family.head_modules[0] == "rpn" else "anchor_generator"] = AnchorGenerator(
-            sizes, ((0.5, 1.0, 2.0),) * levels
-        )
-    if family.head_modules[0] == "rpn":
-        kwargs["box_detections_per_img"] = cfg.detections_per_image
-    else:
-        kwargs["detections_per_img"] = cfg.detections_per_image
-    return family.detector(backbone, num_classes=num_classes + 1, **kwargs)
+    return FAMILIES[cfg.family].build(cfg, num_classes)
 
 
-def family_of(model: nn.Module) -> Family:
-    """The :class:`Family` of a torchvision detector instance."""
-    for family in (FAMILIES["mask_rcnn"], FAMILIES["faster_rcnn"], FAMILIES["retinanet"], FAMILIES["fcos"]):
-        if isinstance(model, family.detector):
-            return family
-    raise TypeError(f"unsupported detector type {type(model).__name__}; expected RetinaNet, FCOS, Faster/Mask R-CNN")
+def family_of(model: nn.Module) -> DetectorFamily:
+    """The adapter of a torchvision detector instance (its most derived registered class)."""
+    for cls in type(model).__mro__:
+        for family in FAMILIES.values():
+            if family.detector is cls:
+                return family
+    raise TypeError(f"unsupported detector type {type(model).__name__}; registered: "
+                    f"{', '.join(f.detector.__name__ for f in FAMILIES.values())}")
 
 
 def head_losses(
-    model: nn.Module, images: ImageList, features: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]]
+    model: nn.Module, images: ImageList, features: Features, targets: list[dict[str, Tensor]]
 ) -> dict[str, Tensor]:
-    """The detector's own training losses of its head(s) applied to ``features`` (backbone output or h(y)).
-
-    ``images`` and ``targets`` are the output of ``model.transform``; matching, sampling and losses are
-    torchvision's, called exactly as the model's own ``forward`` calls them.
-    """
-    if isinstance(model, GeneralizedRCNN):
-        proposals, rpn_losses = model.rpn(images, features, targets)
-        _, roi_losses = model.roi_heads(features, proposals, images.image_sizes, targets)
-        return {**rpn_losses, **roi_losses}
-    levels = list(features.values())
-    head_outputs = model.head(levels)
-    anchors = model.anchor_generator(images, levels)
-    if isinstance(model, FCOS):
-        return model.compute_loss(targets, head_outputs, anchors, [x.size(2) * x.size(3) for x in levels])
-    if isinstance(model, RetinaNet):
-        return model.compute_loss(targets, head_outputs, anchors)
-    raise TypeError(f"unsupported detector type {type(model).__name__}")
+    """The detector's own losses of its head(s) on ``features`` (see :meth:`DetectorFamily.head_losses`)."""
+    return family_of(model).head_losses(model, images, features, targets)

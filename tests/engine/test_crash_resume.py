@@ -16,7 +16,8 @@ from conftest import tiny_raw
 
 from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
-from labelenc.runner import FINAL_WEIGHTS, LABEL_ENCODER, train
+from labelenc.runner import FINAL_WEIGHTS, train
+from labelenc.stages import LABEL_ENCODER
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the same arithmetic in every process
 

@@ -10,7 +10,7 @@ import torch
 from labelenc.config import TrainConfig
 from labelenc.engine.checkpoint import load_file, save_file
 from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
-from labelenc.engine.trainer import scaled_lr
+from labelenc.engine.schedule import scaled_lr
 
 
 @pytest.mark.parametrize(

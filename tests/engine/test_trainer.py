@@ -16,17 +16,10 @@ from torch import Tensor, nn
 from labelenc.artifact import build_label_encoder, encoder_metadata
 from labelenc.config import Config, build_config
 from labelenc.data.loader import build_datasets, build_train_loader
-from labelenc.engine.checkpoint import load_file
+from labelenc.engine.checkpoint import Checkpointer, load_file
+from labelenc.engine.hooks import LossWeights, LRScheduler, PeriodicCheckpoint
 from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
-from labelenc.engine.trainer import (
-    Checkpointer,
-    Hook,
-    LossWeights,
-    LRScheduler,
-    NonFiniteLossError,
-    PeriodicCheckpoint,
-    Trainer,
-)
+from labelenc.engine.trainer import Hook, NonFiniteLossError, Trainer
 from labelenc.method import Step1
 from labelenc.models import build_detector
 from labelenc.runner import RunDirError, RunResult, train
@@ -374,7 +367,7 @@ def test_step1_adds_the_distance_only_after_the_warmup(step1_run) -> None:
     assert cfg.train.decay_milestones(2) == [1, 2]  # the 1x part alone; the warm-up shifts them by 2
     factors = WarmupMultiStep([2 + 1, 2 + 2], cfg.train.warmup_iters, cfg.train.warmup_factor)
     assert [r["lr"] for r in lines] == pytest.approx([0.01 * factors(i) for i in range(4)], rel=1e-9)
-    assert result.label_encoder is not None and result.label_encoder.is_file()
+    assert result.outputs["label_encoder"].is_file()
 
 
 def test_step2_cuts_the_distance_off_at_the_end(step1_run, synth_root: Path, tmp_path: Path) -> None:
@@ -382,7 +375,7 @@ def test_step2_cuts_the_distance_off_at_the_end(step1_run, synth_root: Path, tmp
     _, step1 = step1_run
     cfg = make_config(synth_root, tmp_path / "step2", train={"base_iters": 3, "batch_size": 1},
                       labelenc={"distance_cutoff": 1 / 3})
-    result = train(cfg, "step2", label_encoder=str(step1.label_encoder))
+    result = train(cfg, "step2", {"label_encoder": str(step1.outputs["label_encoder"])})
     lines = read_metrics(result.output_dir)
     assert [r["iteration"] for r in lines] == [1, 2, 3]
     assert [r["iteration"] for r in lines if "feature_distance" in r] == [1, 2]

@@ -1,0 +1,1 @@
+"""Training engine: an iteration-based loop with hooks, checkpoints, schedules and process-group helpers."""

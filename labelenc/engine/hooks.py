@@ -1,0 +1,145 @@
+"""The training loop's hooks, in the order :func:`labelenc.runner.default_hooks` installs them: loss-weight schedules,
+LR schedule, periodic checkpoints, metrics writer, progress bar (after detectron2's ``engine/hooks.py``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from labelenc.engine.checkpoint import Checkpointer
+from labelenc.engine.distributed import is_main_process, unwrap
+from labelenc.engine.trainer import BatchError, Hook, Trainer
+
+
+class LRScheduler(Hook):
+    """Steps the LR scheduler after every iteration."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.scheduler.step()
+
+
+class LossWeights(Hook):
+    """Sets ``model.loss_weights[name] = schedule(iteration)`` before every step (warm-up, cut-off)."""
+
+    def __init__(self, schedules: dict[str, Callable[[int], float]]) -> None:
+        self.schedules = schedules
+
+    def before_step(self, trainer: Trainer) -> None:
+        weights = unwrap(trainer.model).loss_weights
+        for name, schedule in self.schedules.items():
+            weights[name] = schedule(trainer.iter)
+
+
+class PeriodicCheckpoint(Hook):
+    """A checkpoint every ``period`` iterations, at the end of training, and when a batch cannot be read (the state
+    before that iteration, so that ``--resume`` after fixing the data loses no work)."""
+
+    def __init__(self, checkpointer: Checkpointer, period: int) -> None:
+        self.checkpointer, self.period = checkpointer, period
+
+    def after_step(self, trainer: Trainer) -> None:
+        done = trainer.iter + 1
+        if done % self.period == 0 or done == trainer.max_iter:
+            self.checkpointer.save(f"checkpoint_{done:07d}", done)
+
+    def after_train(self, trainer: Trainer) -> None:
+        error = trainer.error
+        if isinstance(error, BatchError) and error.iteration > 0:
+            path = self.checkpointer.save(f"checkpoint_{error.iteration:07d}", error.iteration)
+            error.args = (f"{error}; its state is saved in {path}: fix or remove the file, then rerun the same "
+                          "command with --resume",)
+
+
+class MetricsWriter(Hook):
+    """JSON lines (and TensorBoard when installed) every ``period`` iterations, from the main process only.
+
+    Losses are averaged over the period. On resume, lines past the resumed iteration are dropped so the file
+    reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str | Path, period: int) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.period = period
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.tensorboard = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        if not is_main_process():
+            return
+        if self.path.exists():  # a killed run may leave records past its checkpoint, or a torn last line
+            kept = [ln for ln in self.path.read_text().splitlines() if _iteration_of(ln) <= trainer.iter]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def after_step(self, trainer: Trainer) -> None:
+        for k, v in trainer.metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        done = trainer.iter + 1
+        if (done % self.period and done != trainer.max_iter) or not is_main_process():
+            return
+        record = {"iteration": done, **{k: v / self.counts[k] for k, v in self.sums.items()}}
+        record["lr"] = trainer.metrics["lr"]
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k != "iteration":
+                    self.tensorboard.add_scalar(k, v, done)
+        self.sums, self.counts = {}, {}
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _iteration_of(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class ProgressBar(Hook):
+    """tqdm bar with ETA and running means of the loss terms (main process only)."""
+
+    def __init__(self, description: str, window: int = 20) -> None:
+        self.description, self.window = description, window
+        self.bar: tqdm | None = None
+        self.recent: dict[str, deque] = {}
+
+    def before_train(self, trainer: Trainer) -> None:
+        if is_main_process():
+            self.bar = tqdm(
+                total=trainer.max_iter, initial=trainer.iter, desc=self.description, dynamic_ncols=True, mininterval=1
+            )
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.bar is None:
+            return
+        skip = {"lr", "time", "data_time", "skipped"}
+        for k, v in trainer.metrics.items():
+            if k not in skip:
+                self.recent.setdefault(k, deque(maxlen=self.window)).append(v)
+        shown = {k: f"{sum(v) / len(v):.3f}" for k, v in self.recent.items() if not math.isnan(v[-1])}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
