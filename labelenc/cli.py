@@ -13,14 +13,15 @@ from labelenc.errors import UserError, error_text
 from labelenc.stages import STAGES, Stage
 
 EXAMPLES = {
-    "synth": "labelenc data synth --out data/synth --seed 0\n  labelenc data synth --out data/big --num-train 2000 --image-size 256",
+    "synth": "labelenc data synth --out data/synth --seed 0\n  labelenc data synth --out data/big --num-train 500 --image-size 256",
     "convert": "labelenc data convert --from voc data/VOCdevkit/VOC2007 --split trainval --out data/voc07_trainval.json\n"
     "  labelenc data convert --from yolo data/shapes --split train --out data/shapes_train.json --classes circle,square\n"
     "  labelenc data convert --from yolo data/shapes --out data/shapes.json --classes data/shapes/classes.txt",
     "check": "labelenc data check configs/demo_cpu.yaml\n  labelenc data check my_voc.yaml --strict\n"
-    "  labelenc data check configs/demo_cpu.yaml data.val.images=/elsewhere/val",
-    "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/retinanet_r50_fpn_1x.yaml train.batch_size=8 output_dir=runs/r50\n"
-    "  labelenc train configs/demo_cpu.yaml --resume",
+    "  labelenc data check configs/demo_cpu.yaml data.strict=true",
+    "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/demo_cpu.yaml --resume\n"
+    "  labelenc train configs/demo_cpu.yaml train.batch_size=4 output_dir=runs/b4\n"
+    "  labelenc train configs/demo_cpu.yaml --init-weights runs/demo/model_final.pth output_dir=runs/finetune",
     "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
     "step1": "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",

@@ -18,6 +18,8 @@ import yaml
 
 from labelenc import __version__, runner
 from labelenc.config import Config, build_config
+from labelenc.engine.hooks import read_metrics
+from labelenc.errors import UserError
 from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
 from labelenc.stages import STAGES
 
@@ -38,12 +40,18 @@ def _run_config(cfg: Config, run_dir: Path, schedule: str, seed: int) -> Config:
 
 
 def _finished(run_cfg: Config) -> dict | None:
-    """The summary of a finished run with this exact config, or None."""
+    """The summary of a finished run with this exact config, or None; a damaged run folder is an error naming it."""
     summary = Path(run_cfg.output_dir) / runner.SUMMARY
     config = Path(run_cfg.output_dir) / "config.yaml"
-    if summary.is_file() and config.is_file() and yaml.safe_load(config.read_text()) == run_cfg.model_dump(mode="json"):
-        return json.loads(summary.read_text())
-    return None
+    if not (summary.is_file() and config.is_file()):
+        return None
+    try:
+        same = yaml.safe_load(config.read_text()) == run_cfg.model_dump(mode="json")
+        result = json.loads(summary.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
+        raise UserError(f"{run_cfg.output_dir} holds a damaged run ({type(err).__name__} reading its config.yaml or "
+                        f"{runner.SUMMARY}); move it away or pass --overwrite") from None
+    return result if same and isinstance(result, dict) and "metrics" in result else None
 
 
 def run_pipeline(
@@ -134,23 +142,23 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names, means, stds = [], [], []
+    names, means, stds, labels = [], [], [], []
     for row, runs in results.items():
         if not runs:
             continue
         log = Path(runs[0]["run_dir"]) / "metrics.jsonl"
-        records = [json.loads(line) for line in log.read_text().splitlines()]
+        records = read_metrics(log)
         curves.plot([r["iteration"] for r in records], [_detection_loss(r) for r in records], label=row)
         names.append(row)
         m, s = _mean_std(_percent(runs, "AP"))
-        m, s = (0.0, 0.0) if m is None else (m, s)  # nothing evaluated: an empty bar
-        means.append(m)
-        stds.append(s)
+        labels.append("n/a" if m is None else f"{m:.1f}")  # n/a: nothing was evaluated, an empty bar
+        means.append(m or 0.0)
+        stds.append(s or 0.0)
     curves.set(xlabel="iteration", ylabel="detection loss (detector's own terms)", title="training loss (first seed)")
     curves.legend()
     bars.bar(names, means, yerr=stds, capsize=4, color=["#999999", "#666666", "#6a9fd8", "#d8823a"][: len(names)])
-    for i, (m, s) in enumerate(zip(means, stds)):
-        bars.text(i, m + s, f"{m:.1f}", ha="center", va="bottom")
+    for i, (m, s, label) in enumerate(zip(means, stds, labels)):
+        bars.text(i, m + s, label, ha="center", va="bottom")
     bars.set(ylabel="COCO AP (val)", title="AP")
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -278,12 +278,13 @@ def train(
         outputs = objective.save_outputs(output_dir, extra["config"]) if objective.save_outputs else {}
     metrics = evaluate_detector(detector, run.val_set, device, _iou_types(cfg), cfg.train.batch_size,
                                 cfg.data.num_workers)
-    wall_time = checkpointer.wall_time()
+    this_process = time.perf_counter() - start_time
+    wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
     if is_main_process():
         write_eval(weights, metrics)
-        write_json_atomic(output_dir / SUMMARY, {
-            "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
-            "wall_time_this_process": time.perf_counter() - start_time, "metrics": metrics})
+        write_json_atomic(output_dir / SUMMARY, {"stage": stage, "iterations": objective.max_iter,
+                                                 "wall_time": wall_time, "wall_time_this_process": this_process,
+                                                 "metrics": metrics})
     return RunResult(output_dir, weights, metrics, wall_time, outputs)
 
 

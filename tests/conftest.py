@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from labelenc.config import Config, build_config
 from labelenc.data.synth import generate_synthetic_dataset
@@ -67,3 +69,21 @@ def tiny_config(synth_root: Path, tmp_path: Path):
         return build_config(raw)
 
     return make
+
+
+def write_image(path: Path, width: int, height: int) -> None:
+    """A random RGB image of the given size (JPEG or PNG after the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(width * 100 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def voc_xml(stem: str, width: int, height: int, objects: list) -> str:
+    """A VOC annotation file as LabelImg / the VOC devkit write it; objects are (name, difficult, (x1, y1, x2, y2))."""
+    parts = [f"<annotation><folder>VOC2007</folder><filename>{stem}.jpg</filename>",
+             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, difficult, (xmin, ymin, xmax, ymax) in objects:
+        parts.append(f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated>"
+                     f"<difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+                     f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
+    return "".join(parts) + "</annotation>"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from labelenc.cli import main
+from labelenc.cli import main, parse_args
 from labelenc.config import save_config
 from labelenc.data.coco import CocoDetection
 
@@ -152,3 +152,20 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     bad = subprocess.run([str(script), "train", str(missing)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert _error_lines(bad.stderr) == [f"labelenc: error: config file not found: {missing}"]
+
+
+@pytest.mark.parametrize("argv, overrides", [
+    (["step2", "c.yaml", "--label-encoder", "s1/label_encoder.pth", "output_dir=runs/s2"], ["output_dir=runs/s2"]),
+    (["train", "c.yaml", "a=1", "--resume", "b=2"], ["a=1", "b=2"]),
+    (["eval", "c.yaml", "--weights", "w.pth", "data.num_workers=0"], ["data.num_workers=0"]),
+    (["pipeline", "c.yaml", "--seeds", "0,1", "train.base_iters=3"], ["train.base_iters=3"]),
+])
+def test_overrides_are_accepted_anywhere_after_the_config(argv: list[str], overrides: list[str]) -> None:
+    """key=value overrides may follow options, in command-line order (README: step2 ... --label-encoder F k=v)."""
+    assert parse_args(argv).overrides == overrides
+
+
+def test_an_unknown_option_is_still_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["train", "c.yaml", "--bogus", "k=v"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -155,13 +155,16 @@ def test_missing_required_section(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "not found"), ("model: {family: [retinanet\n", "not valid YAML"), ("- a\n- b\n", "mapping")],
-    ids=["missing", "malformed", "not-mapping"],
+    [(None, "not found"), ("model: {family: [retinanet\n", "not valid YAML"), ("- a\n- b\n", "mapping"),
+     (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a readable text file")],
+    ids=["missing", "malformed", "not-mapping", "binary"],
 )
-def test_unusable_config_file_names_it(tmp_path: Path, content: str | None, message: str) -> None:
-    """A missing, malformed or non-mapping config file is a ConfigError naming the file."""
+def test_unusable_config_file_names_it(tmp_path: Path, content: str | bytes | None, message: str) -> None:
+    """A missing, malformed, non-mapping or binary config file is a ConfigError naming the file."""
     path = tmp_path / "broken.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path)

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_raw
 
 from labelenc.config import build_config
+from labelenc.errors import UserError
 from labelenc.pipeline import RUNS, run_pipeline
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY
 from labelenc.stages import LABEL_ENCODER
@@ -70,3 +71,12 @@ def test_pipeline_with_a_given_label_encoder_skips_step1(tiny_pipeline_config, t
     report = run_pipeline(other, seeds=[0], skip_baselines=True, label_encoder=str(encoder))
     assert list(report["rows"]) == ["LabelEnc"]
     assert not (tmp_path / "other" / "seed0" / "step1").exists()
+
+
+def test_a_damaged_run_summary_is_named_not_a_traceback(tiny_pipeline_config) -> None:
+    """A run folder whose summary is garbage (a copy cut short) is one error naming the folder."""
+    root = Path(tiny_pipeline_config.output_dir)
+    run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    (root / "seed0" / "step1" / SUMMARY).write_bytes(b"\x00\xff{not json")
+    with pytest.raises(UserError, match=f"{root / 'seed0' / 'step1'} holds a damaged run"):
+        run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from labelenc.engine.checkpoint import Checkpointer
 from labelenc.engine.distributed import is_main_process, unwrap
 from labelenc.engine.trainer import BatchError, Hook, Trainer
+from labelenc.fileio import write_text_atomic
 
 
 class LRScheduler(Hook):
@@ -77,8 +78,8 @@ class MetricsWriter(Hook):
         if not is_main_process():
             return
         if self.path.exists():  # a killed run may leave records past its checkpoint, or a torn last line
-            kept = [ln for ln in self.path.read_text().splitlines() if _iteration_of(ln) <= trainer.iter]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in read_metrics(self.path) if r["iteration"] <= trainer.iter]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -108,11 +109,17 @@ class MetricsWriter(Hook):
             self.tensorboard.close()
 
 
-def _iteration_of(line: str) -> float:
-    try:
-        return json.loads(line)["iteration"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, without torn or foreign lines (a run killed while writing one)."""
+    records = []
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            records.append(record)
+    return records
 
 
 class ProgressBar(Hook):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import voc_xml, write_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -43,24 +44,6 @@ YOLO_IMAGES = {
 YOLO_CLASSES = ["circle", "square"]
 
 
-def _image(path: Path, width: int, height: int) -> None:
-    """A random RGB image of the given size (JPEG or PNG after the suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(width * 100 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def _voc_xml(stem: str, width: int, height: int, objects: list) -> str:
-    """A VOC annotation file as LabelImg / the VOC devkit write it."""
-    parts = [f"<annotation><folder>VOC2007</folder><filename>{stem}.jpg</filename>",
-             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
-    for name, difficult, (xmin, ymin, xmax, ymax) in objects:
-        parts.append(f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated>"
-                     f"<difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
-                     f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
-    return "".join(parts) + "</annotation>"
-
-
 @pytest.fixture
 def voc_root(tmp_path: Path) -> Path:
     """A VOC year folder with :data:`VOC_IMAGES` (JPEGs) and the ImageSets/Main split files of VOC_SPLITS."""
@@ -68,8 +51,8 @@ def voc_root(tmp_path: Path) -> Path:
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
     for stem, (width, height, objects) in VOC_IMAGES.items():
-        _image(root / "JPEGImages" / f"{stem}.jpg", width, height)
-        (root / "Annotations" / f"{stem}.xml").write_text(_voc_xml(stem, width, height, objects))
+        write_image(root / "JPEGImages" / f"{stem}.jpg", width, height)
+        (root / "Annotations" / f"{stem}.xml").write_text(voc_xml(stem, width, height, objects))
     for split, stems in VOC_SPLITS.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
     return root
@@ -82,7 +65,7 @@ def yolo_root(tmp_path: Path) -> Path:
     for split, images in YOLO_IMAGES.items():
         (root / "labels" / split).mkdir(parents=True)
         for name, ((width, height), text) in images.items():
-            _image(root / "images" / split / name, width, height)
+            write_image(root / "images" / split / name, width, height)
             if text is not None:
                 (root / "labels" / split / f"{Path(name).stem}.txt").write_text(text)
     (root / "classes.txt").write_text("\n".join(YOLO_CLASSES) + "\n")
@@ -145,9 +128,9 @@ def test_voc_difficult_objects_are_ignored_in_training_and_evaluation(voc_root: 
     "stem, xml, expected",
     [
         ("000001", "<annotation><object><name>dog", "cannot parse the annotation XML"),
-        ("000001", _voc_xml("000001", 40, 30, [("dog", 0, (1, 2, 3, 4))]).replace("<xmax>3</xmax>", ""), "no <xmax>"),
-        ("000001", _voc_xml("000001", 40, 30, [("dog", 0, (1, 2, "x", 4))]), "<xmax> is not a number"),
-        ("000002", _voc_xml("000002", 36, 28, [("horse", 0, (1, 2, 3, 4))]), "'horse' is not in the class list"),
+        ("000001", voc_xml("000001", 40, 30, [("dog", 0, (1, 2, 3, 4))]).replace("<xmax>3</xmax>", ""), "no <xmax>"),
+        ("000001", voc_xml("000001", 40, 30, [("dog", 0, (1, 2, "x", 4))]), "<xmax> is not a number"),
+        ("000002", voc_xml("000002", 36, 28, [("horse", 0, (1, 2, 3, 4))]), "'horse' is not in the class list"),
     ],
     ids=["broken-xml", "no-xmax", "not-a-number", "unknown-class"],
 )
@@ -168,7 +151,7 @@ def test_voc_problems_name_the_xml_file(voc_root: Path, stem: str, xml: str, exp
 def test_inverted_voc_box_is_reported_with_the_xml_values(voc_root: Path, box: tuple, expected: str) -> None:
     """A VOC box with xmin > xmax (or ymin > ymax) is a warning quoting the XML's own coordinates; it is dropped."""
     path = voc_root / "Annotations" / "000002.xml"
-    path.write_text(_voc_xml("000002", 36, 28, [("dog", 0, box)]))
+    path.write_text(voc_xml("000002", 36, 28, [("dog", 0, box)]))
     problems: list[Problem] = []
     dataset = voc_to_coco(voc_root, split="val", problems=problems)
     written = ", ".join(f"{tag}={value:g}" for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box))
