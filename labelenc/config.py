@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labelenc.errors import UserError
 from labelenc.fileio import write_text_atomic
@@ -28,8 +28,14 @@ class ModelConfig(_Strict):
     backbone: Literal[tuple(BACKBONES)] = "resnet50"
     backbone_weights: str | None = Field(
         None,
-        description="None: random init; a path to a state-dict file; or a torchvision weights name such as "
-        "'IMAGENET1K_V1', loaded from the local torch cache only (nothing is downloaded).",
+        description="None: random init; a path to a state-dict file; or a torchvision weights name of the backbone "
+        "such as 'IMAGENET1K_V1', read from the torch cache (torch.hub.get_dir(), moved by TORCH_HOME) and "
+        "downloaded there by torchvision when missing, unless model.download is false or LABELENC_OFFLINE is set.",
+    )
+    download: bool = Field(
+        True,
+        description="Whether a torchvision weights name missing from the torch cache may be downloaded; false (or "
+        "the environment variable LABELENC_OFFLINE=1) makes a missing file an error naming the URL and the path.",
     )
     trainable_layers: int | None = Field(
         None, ge=0, description="None: torchvision's default (all layers from random init, 3 with pretrained weights)."
@@ -44,6 +50,8 @@ class ModelConfig(_Strict):
         "defaults (32..512, sized for 800-pixel images). FCOS places points by stride and takes none.",
     )
     detections_per_image: int = Field(100, ge=1)
+    channels_last: bool = Field(False, description="Train in channels-last memory format (faster convolutions "
+                                "on recent GPUs with AMP); the weights are the same.")
 
     @model_validator(mode="after")
     def _check_family_options(self) -> ModelConfig:
@@ -106,6 +114,13 @@ class DataConfig(_Strict):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
     strict: bool = Field(False, description="Data warnings (clipped or dropped boxes) stop the run like errors.")
+    aspect_ratio_grouping: bool = Field(
+        False,
+        description="Every global batch holds images of one orientation only (width >= height, or width < height, "
+        "from the annotations' image sizes), as detectron2 and maskrcnn-benchmark batch: less padding, so smaller "
+        "feature and label maps. No image is dropped or repeated (see labelenc.data.loader). Off by default so that "
+        "existing runs stay bit-identical; detectron2 groups by default.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -129,8 +144,16 @@ class TrainConfig(_Strict):
     log_period: int = Field(20, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="Mixed precision: bf16 autocast (CUDA and CPU), or fp16 autocast with a gradient scaler "
+        "(CUDA; its overflowing steps are skipped). YAML's false/true read as off/bf16.",
+    )
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms for exact resume.")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_yaml_bool(cls, value: object) -> object:  # YAML 1.1 reads `amp: off` as False
+        return {False: "off", True: "bf16"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_decays(self) -> TrainConfig:

@@ -48,10 +48,16 @@ class FeatureAdaption(nn.Module):
 
 
 def loss_feature_distance(adapted: Features, encoded: Features) -> Tensor:
-    """Eq. 10: MSE between per-level layer-normalised features, all levels concatenated (target detached)."""
-    student = torch.cat([F.group_norm(x, 1).flatten(1) for x in adapted.values()], dim=1)
-    target = torch.cat([F.group_norm(x.detach(), 1).flatten(1) for x in encoded.values()], dim=1)
-    return F.mse_loss(student, target)
+    """Eq. 10: MSE between per-level layer-normalised features, all levels concatenated (target detached).
+
+    Computed in float32 under mixed precision: the normalisation's statistics and the mean of squares lose too much
+    in 16 bits.
+    """
+    device_type = next(iter(adapted.values())).device.type
+    with torch.autocast(device_type, enabled=False):
+        student = torch.cat([F.group_norm(x.float(), 1).flatten(1) for x in adapted.values()], dim=1)
+        target = torch.cat([F.group_norm(x.detach().float(), 1).flatten(1) for x in encoded.values()], dim=1)
+        return F.mse_loss(student, target)
 
 
 def label_maps_of(
@@ -61,6 +67,9 @@ def label_maps_of(
     labels = [t["labels"] - 1 for t in targets]  # detector labels are 1..C, label-map channels 0..C-1
     classes = torch.unique(torch.cat(labels))
     height, width = images.tensors.shape[-2:]
+    device_type = images.tensors.device.type
+    # under mixed precision the maps are made in the autocast dtype, which h's convolutions run in anyway
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else images.tensors.dtype
     maps = render_label_maps(
         [t["boxes"] for t in targets],
         labels,
@@ -70,7 +79,7 @@ def label_maps_of(
         masks=[t["masks"] for t in targets] if with_masks else None,
         box_jitter=box_jitter,
         classes=classes,
-        dtype=images.tensors.dtype,
+        dtype=dtype,
     )
     return maps, classes
 

@@ -1,7 +1,8 @@
 """The paper's Table-1 comparison for one config: baseline 1x, baseline 2x, step1-only and LabelEnc (Step 2).
 
 Every run uses the same data, model config and seed; a run whose directory already holds a finished result for
-the same config is reused, so an interrupted pipeline continues where it stopped.
+the same config is reused and an interrupted one resumes from its last checkpoint, so an interrupted pipeline
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
 from labelenc import __version__, runner
-from labelenc.config import Config, build_config
+from labelenc.config import Config, ConfigError, build_config, load_config
 from labelenc.engine.hooks import read_metrics
 from labelenc.errors import UserError
 from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
@@ -46,9 +46,9 @@ def _finished(run_cfg: Config) -> dict | None:
     if not (summary.is_file() and config.is_file()):
         return None
     try:
-        same = yaml.safe_load(config.read_text()) == run_cfg.model_dump(mode="json")
+        same = load_config(config) == run_cfg  # keys added to the schema since then take their defaults
         result = json.loads(summary.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ConfigError, json.JSONDecodeError) as err:
         raise UserError(f"{run_cfg.output_dir} holds a damaged run ({type(err).__name__} reading its config.yaml or "
                         f"{runner.SUMMARY}); move it away or pass --overwrite") from None
     return result if same and isinstance(result, dict) and "metrics" in result else None
@@ -72,7 +72,8 @@ def run_pipeline(
             run_cfg = _run_config(cfg, seed_dir / name, schedule, seed)
             summary = None if overwrite else _finished(run_cfg)
             if summary is None:
-                result = runner.train(run_cfg, stage, inputs, overwrite=overwrite)
+                # an interrupted run of this config continues from its last checkpoint
+                result = runner.train(run_cfg, stage, inputs, resume=not overwrite, overwrite=overwrite)
                 summary = json.loads((result.output_dir / runner.SUMMARY).read_text())
             else:
                 logger.info("reusing finished run %s", run_cfg.output_dir)

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from labelenc.config import Config, save_config
+from labelenc.config import Config, ConfigError, load_config, save_config
 from labelenc.data.coco import CocoDetection
-from labelenc.data.loader import build_datasets, build_eval_loader, build_train_loader
+from labelenc.data.loader import build_datasets, build_eval_loader, build_train_loader, build_val_dataset
 from labelenc.engine.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, load_file, save_file
 from labelenc.engine.distributed import (
     all_gather_objects,
@@ -35,7 +34,7 @@ from labelenc.engine.distributed import (
 )
 from labelenc.engine.hooks import LossWeights, LRScheduler, MetricsWriter, PeriodicCheckpoint, ProgressBar
 from labelenc.engine.schedule import WarmupMultiStep, scaled_lr
-from labelenc.engine.trainer import Hook, Trainer, move_to_device
+from labelenc.engine.trainer import Hook, Trainer, build_grad_scaler, move_to_device
 from labelenc.errors import UserError
 from labelenc.evaluation import CocoEvaluator
 from labelenc.fileio import write_json_atomic, write_text_atomic
@@ -48,7 +47,7 @@ FINAL_WEIGHTS = "model_final.pth"
 SUMMARY = "run_summary.json"
 # Config keys that may differ on --resume: they change neither the model nor the batches nor the optimisation.
 RESUMABLE_KEYS = ("train.max_bad_steps", "train.log_period", "train.checkpoint_period", "data.num_workers",
-                  "data.strict")
+                  "data.strict", "model.download")
 
 
 class RunDirError(UserError, RuntimeError):
@@ -103,9 +102,9 @@ def resume_config_changes(cfg: Config, output_dir: Path) -> dict[str, dict[str, 
     if not path.is_file():
         return {}
     try:
-        saved = _flatten(yaml.safe_load(path.read_text()))
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
-        raise RunDirError(f"--resume: {path} is not the YAML config this tool writes; cannot check the run") from None
+        saved = _flatten(load_config(path).model_dump(mode="json"))  # keys added since then take their defaults
+    except ConfigError as err:
+        raise RunDirError(f"--resume: cannot check the run against its own config: {err}") from None
     now = _flatten(cfg.model_dump(mode="json"))
     changed = {k: {"run": saved.get(k), "now": now.get(k)} for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k) and k != "output_dir"}  # a run may be moved to another folder
@@ -259,17 +258,21 @@ def train(
         load_detector_weights(detector, init_weights, cfg, train_set.class_names)
     objective = recipe.build(cfg, detector, train_set.class_names, inputs)
     model = objective.model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     logger.info("%s: %d iterations", stage, objective.max_iter)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
-    extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names}
-    checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time)
+    extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
+             "category_ids": train_set.label_to_category[1:]}
+    scaler = build_grad_scaler(cfg.train.amp, device)
+    checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler)
     start_iter = resume_or_start(checkpointer, resume)
     trainer = Trainer(
         wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
         build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
         default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}"), cfg.train.grad_clip,
-        cfg.train.amp, cfg.train.max_bad_steps,
+        cfg.train.amp, cfg.train.max_bad_steps, scaler,
     )
     trainer.train(start_iter)
     weights, outputs = output_dir / FINAL_WEIGHTS, {}
@@ -347,12 +350,38 @@ def load_detector_weights(detector: nn.Module, weights: str | Path, cfg: Config,
     logger.info("loaded detector weights from %s", weights)
 
 
+def _trained_categories(weights: str | Path) -> tuple[list[str], list[int]] | None:
+    """The class names and COCO category ids a weights file records (label ``i + 1`` is ``category_ids[i]``), or None
+    for a file without them (written before they were recorded, or not detector weights)."""
+    state = load_file(weights, kind="weights")
+    names, ids = state.get("class_names"), state.get("category_ids")
+    if not (isinstance(names, list) and isinstance(ids, list) and len(names) == len(ids)):
+        return None
+    return [str(n) for n in names], [int(i) for i in ids]
+
+
 def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
-    """Evaluate a weights file (final weights or a training checkpoint) on the validation split of ``cfg``."""
+    """Evaluate a weights file (final weights or a training checkpoint) on the validation split of ``cfg``.
+
+    The categories come from the weights file, so only the validation split is read (and checked as a run checks
+    it); a val split with other category ids is refused. Files without recorded category ids (older runs) take
+    them from the training split instead, which is then read and checked too.
+    """
     device = local_device(cfg.train.device)
-    train_set, val_set = build_datasets(cfg, with_masks=False)
-    detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}), _num_classes(cfg, train_set))
-    load_detector_weights(detector, weights, cfg, train_set.class_names)
+    with_masks = FAMILIES[cfg.model.family].with_masks
+    trained = _trained_categories(weights)
+    if trained is None:
+        train_set, val_set = build_datasets(cfg, with_masks=with_masks)
+        class_names, num_classes = train_set.class_names, _num_classes(cfg, train_set)
+    else:
+        class_names, category_ids = trained
+        if cfg.model.num_classes is not None and cfg.model.num_classes != len(category_ids):
+            raise UserError(f"model.num_classes={cfg.model.num_classes} but {weights} was trained on "
+                            f"{len(category_ids)} categories")
+        val_set = build_val_dataset(cfg, class_names, category_ids, with_masks, trained=str(weights))
+        num_classes = len(category_ids)
+    detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}), num_classes)
+    load_detector_weights(detector, weights, cfg, class_names)
     metrics = evaluate_detector(detector.to(device), val_set, device, _iou_types(cfg), cfg.train.batch_size,
                                 cfg.data.num_workers)
     if is_main_process():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +91,20 @@ def voc_xml(stem: str, width: int, height: int, objects: list) -> str:
                      f"<difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
                      f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
     return "".join(parts) + "</annotation>"
+
+
+def run_killed_then_resumed(command: list[str], output_dir: Path, env: dict[str, str]) -> None:
+    """Start a training command, SIGKILL it (its whole process group: torchrun and its workers too) once its
+    first checkpoint exists, then finish it with ``--resume``."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (output_dir / "checkpoint_0000002.pth").exists():
+        assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (output_dir / "model_final.pth").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]

@@ -71,7 +71,7 @@ def test_overrides_parse_yaml_values(config_file: Path) -> None:
         ],
     )
     assert cfg.train.base_lr == 0.005 and cfg.train.weight_decay == 1e-5
-    assert cfg.train.batch_size == 4 and cfg.train.grad_clip is None and cfg.train.amp is True
+    assert cfg.train.batch_size == 4 and cfg.train.grad_clip is None and cfg.train.amp == "bf16"  # YAML true
     assert cfg.train.max_iters == 2 * cfg.train.base_iters
     assert cfg.train.lr_decay_points == (0.5, 0.75)
     assert cfg.model.anchor_sizes == [4, 8, 16, 32, 64]

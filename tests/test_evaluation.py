@@ -1,10 +1,13 @@
-"""Tests for labelenc.evaluation: pycocotools scoring of torchvision-style predictions."""
+"""Tests for labelenc.evaluation: COCO scoring of torchvision-style predictions (pycocotools or faster-coco-eval)."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import itertools
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -12,8 +15,9 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from labelenc.data.coco import load_coco
-from labelenc.evaluation import METRICS, CocoEvaluator
+from labelenc.data.coco import coco_from_dict, load_coco
+from labelenc.errors import UserError
+from labelenc.evaluation import BACKEND_ENV, METRICS, CocoEvaluator, resolve_backend
 
 SIZE = 160
 LABEL_TO_CATEGORY = (3, 7, 11)
@@ -172,3 +176,124 @@ def test_invalid_configuration_raises(coco_gt: COCO) -> None:
         CocoEvaluator(coco_gt, (3, 5, 11))
     with pytest.raises(ValueError, match="labels"):
         CocoEvaluator(coco_gt, LABEL_TO_CATEGORY).update([1], [_no_detections() | {"labels": torch.tensor([3])}])
+
+
+# ------------------------------------------------------------------------------------------ evaluation backends
+
+
+def _noisy_predictions(coco: COCO, label_to_category: tuple, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Imperfect detections of every image: jittered boxes and shifted masks of most objects, some with the wrong
+    label, duplicates, random false positives, scores with ties; some images without any detection."""
+    rng = np.random.default_rng(seed)
+    labels_of = {c: i for i, c in enumerate(label_to_category) if c is not None}
+    predictions = {}
+    for image_id in coco.getImgIds():
+        info = coco.imgs[image_id]
+        height, width = info["height"], info["width"]
+        boxes, scores, labels, masks = [], [], [], []
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
+            for _ in range(rng.integers(0, 3)):  # missed, found, or found twice
+                x, y, w, h = ann["bbox"]
+                dx, dy = rng.normal(0, 0.15, 2) * (w, h)
+                boxes.append([x + dx, y + dy, x + dx + w * rng.uniform(0.8, 1.2), y + dy + h * rng.uniform(0.8, 1.2)])
+                label = labels_of[ann["category_id"]] if rng.random() < 0.8 else int(rng.choice(list(labels_of.values())))
+                labels.append(label)
+                scores.append(float(rng.choice([0.3, 0.5, 0.9])) if rng.random() < 0.5 else float(rng.random()))
+                masks.append(np.roll(coco.annToMask(ann), (round(dy), round(dx)), axis=(0, 1)))
+        for _ in range(rng.integers(0, 3)):  # false positives
+            x, y = rng.uniform(0, width - 4), rng.uniform(0, height - 4)
+            w, h = rng.uniform(2, width - x), rng.uniform(2, height - y)
+            boxes.append([x, y, x + w, y + h])
+            labels.append(int(rng.choice(list(labels_of.values()))))
+            scores.append(float(rng.random()))
+            mask = np.zeros((height, width), dtype=np.uint8)
+            mask[int(y):int(y + h), int(x):int(x + w)] = 1
+            masks.append(mask)
+        if not boxes or rng.random() < 0.1:
+            predictions[image_id] = _no_detections() | {"masks": torch.zeros(0, 1, height, width)}
+            continue
+        predictions[image_id] = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).clamp(min=0),
+            "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": torch.from_numpy(np.stack(masks)).float()[:, None] * rng.uniform(0.55, 1.0),
+        }
+    return predictions
+
+
+def _scores_by_backend(dataset: dict, label_to_category: tuple, seed: int) -> dict[str, dict]:
+    stats = {}
+    for backend in ("pycocotools", "faster"):
+        coco = coco_from_dict(copy.deepcopy(dataset))  # a fresh index each: neither sees what the other changed
+        predictions = _noisy_predictions(coco, label_to_category, seed)
+        evaluator = CocoEvaluator(coco, label_to_category, iou_types=("bbox", "segm"), backend=backend)
+        evaluator.update(list(predictions), list(predictions.values()))
+        stats[backend] = evaluator.summarize()
+    return stats
+
+
+# pycocotools computes each precision as tp / (tp + fp + np.spacing(1)), faster-coco-eval (C++) as tp / (tp + fp):
+# with tp = 1, fp = 0 that is 0.9999999999999998 against 1.0. Every precision therefore differs by at most
+# np.spacing(1) = 2.2e-16 (relative, on values in [0, 1]), and so does every AP, a mean of them, up to the rounding
+# of the sum: a few units in the 16th digit. Matching, recall, score order and the None buckets are exactly equal.
+BACKEND_TOLERANCE = 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("split", ["fixture", "synthetic-train", "synthetic-val"])
+def test_faster_coco_eval_gives_the_same_metrics_as_pycocotools(
+    split: str, seed: int, coco_gt: COCO, synth_root: Path
+) -> None:
+    """bbox and segm, on crowd regions, every size range, images without annotations and without detections,
+    duplicate and mislabelled detections and tied scores: the same metrics to the last bits (see above)."""
+    pytest.importorskip("faster_coco_eval")
+    if split == "fixture":
+        dataset, label_to_category = coco_gt.dataset, LABEL_TO_CATEGORY
+    else:
+        synth = load_coco(synth_root / f"annotations/instances_{split.split('-')[1]}.json")
+        dataset, label_to_category = synth.dataset, (None, *sorted(synth.getCatIds()))
+    stats = _scores_by_backend(dataset, label_to_category, seed)
+    faster, reference = stats["faster"], stats["pycocotools"]
+    assert faster.keys() == reference.keys() == {"bbox", "segm"}
+    for iou_type, expected in reference.items():
+        scored = {k: v for k, v in expected.items() if v is not None}
+        assert {k: v for k, v in faster[iou_type].items() if v is not None} == pytest.approx(
+            scored, rel=0, abs=BACKEND_TOLERANCE), iou_type
+        assert faster[iou_type].keys() == expected.keys()  # and the None ones (no ground truth) are the same
+    values = [v for iou_type in reference.values() for v in iou_type.values() if v is not None]
+    assert any(0.0 < v < 1.0 for v in values), stats  # detections that score neither nothing nor everything
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch, coco_gt: COCO) -> None:
+    """pycocotools by default (the reference); ``auto`` takes faster-coco-eval when installed; the environment
+    variable or the argument decides."""
+    installed = importlib.util.find_spec("faster_coco_eval") is not None
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend() == "pycocotools"
+    assert resolve_backend("auto") == ("faster-coco-eval" if installed else "pycocotools")
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    assert CocoEvaluator(coco_gt, LABEL_TO_CATEGORY).backend == resolve_backend("auto")
+    monkeypatch.setenv(BACKEND_ENV, "pycocotools")
+    assert CocoEvaluator(coco_gt, LABEL_TO_CATEGORY).backend == "pycocotools"
+    monkeypatch.setenv(BACKEND_ENV, "fastest")
+    with pytest.raises(UserError, match="LABELENC_COCO_BACKEND='fastest'.*auto, faster, pycocotools"):
+        CocoEvaluator(coco_gt, LABEL_TO_CATEGORY)
+    assert resolve_backend("pycocotools") == "pycocotools"  # the argument wins over the environment
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "faster_coco_eval" else real_find_spec(name, *a))
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    assert resolve_backend() == "pycocotools"  # auto, without it installed
+    with pytest.raises(UserError, match=r"faster-coco-eval is not installed: pip install 'labelenc\[fast-eval\]'"):
+        resolve_backend("faster")
+
+
+def test_faster_backend_leaves_the_ground_truth_as_it_was(coco_gt: COCO) -> None:
+    pytest.importorskip("faster_coco_eval")
+    coco = coco_from_dict(copy.deepcopy(coco_gt.dataset))
+    before = copy.deepcopy(coco.dataset)
+    evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY, iou_types=("bbox", "segm"), backend="faster")
+    evaluator.update(coco.getImgIds(), [_perfect_prediction(coco, i) for i in coco.getImgIds()])
+    assert evaluator.summarize()["segm"]["AP"] == pytest.approx(1.0)
+    assert coco.dataset == before

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_raw
 
 from labelenc.config import build_config
+from labelenc.engine.checkpoint import load_file
 from labelenc.errors import UserError
 from labelenc.pipeline import RUNS, run_pipeline
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY
@@ -80,3 +82,22 @@ def test_a_damaged_run_summary_is_named_not_a_traceback(tiny_pipeline_config) ->
     (root / "seed0" / "step1" / SUMMARY).write_bytes(b"\x00\xff{not json")
     with pytest.raises(UserError, match=f"{root / 'seed0' / 'step1'} holds a damaged run"):
         run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+
+
+def test_an_interrupted_pipeline_resumes_its_unfinished_run(tiny_pipeline_config) -> None:
+    """A pipeline killed in Step 2 (its checkpoint kept, no summary) continues that run on the next call and ends
+    with the weights of the uninterrupted one."""
+    cfg = tiny_pipeline_config.model_copy(update={"train": tiny_pipeline_config.train.model_copy(
+        update={"checkpoint_period": 1})})
+    root = Path(cfg.output_dir)
+    run_pipeline(cfg, seeds=[0], skip_baselines=True)
+    step2 = root / "seed0" / "step2"
+    finished = load_file(step2 / FINAL_WEIGHTS)["model"]
+    checkpoints = sorted(step2.glob("checkpoint_*.pth"))
+    assert len(checkpoints) >= 2
+    for path in [step2 / FINAL_WEIGHTS, step2 / SUMMARY, step2 / "model_final_eval.json", checkpoints[-1]]:
+        path.unlink()
+    (step2 / "last_checkpoint").write_text(checkpoints[-2].name)
+    run_pipeline(cfg, seeds=[0], skip_baselines=True)
+    resumed = load_file(step2 / FINAL_WEIGHTS)["model"]
+    assert all(torch.equal(resumed[k], finished[k]) for k in finished)

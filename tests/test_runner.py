@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import voc_xml, write_image
 
 from labelenc.config import load_config
-from labelenc.engine.checkpoint import load_file
+from labelenc.data.loader import build_datasets, build_val_dataset
+from labelenc.engine.checkpoint import load_file, save_file
 from labelenc.errors import UserError
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY, evaluate, train
 
@@ -85,3 +87,109 @@ def test_a_failing_evaluation_never_loses_the_weights(tiny_config, synth_root, t
     result = train(cfg, resume=True)
     assert (out / FINAL_WEIGHTS).read_bytes() == weights
     assert json.loads((out / SUMMARY).read_text())["metrics"] == result.metrics
+
+
+def test_eval_takes_the_categories_from_the_weights_and_never_reads_the_training_split(
+    tiny_config, tmp_path: Path
+) -> None:
+    """Weights record their category ids: eval reads and checks only data.val (data.train may be gone) and gives
+    the numbers training printed, for the final weights and a checkpoint. (Mask R-CNN's segm metrics go the same
+    way in test_eval_of_final_weights_reproduces_training_metrics.)"""
+    family = "retinanet"
+    cfg = tiny_config(family, train={"base_iters": 2, "checkpoint_period": 2})
+    result = train(cfg)
+    assert load_file(result.weights)["category_ids"] == [10, 20, 30]  # the synthetic classes' ids
+    missing = {"annotations": str(tmp_path / "gone/instances_train.json"), "images": str(tmp_path / "gone/train")}
+    eval_cfg = tiny_config(family, train={"base_iters": 2, "checkpoint_period": 2}, data={"train": missing})
+    assert evaluate(eval_cfg, result.weights) == result.metrics
+    assert evaluate(eval_cfg, result.output_dir / "checkpoint_0000002.pth") == result.metrics
+
+
+@pytest.fixture
+def finished_run(tiny_config):
+    """A finished 1-iteration RetinaNet run and its config."""
+    cfg = tiny_config(train={"base_iters": 1})
+    return cfg, train(cfg)
+
+
+def test_eval_refuses_a_val_split_with_other_categories(finished_run, synth_root: Path, tiny_config,
+                                                        tmp_path: Path) -> None:
+    """One error, naming the val split's categories and the ones the weights were trained on."""
+    cfg, result = finished_run
+    dataset = json.loads((synth_root / "annotations/instances_val.json").read_text())
+    renumber = {10: 10, 20: 20, 30: 35}
+    dataset["categories"] = [{**c, "id": renumber[c["id"]]} for c in dataset["categories"]]
+    dataset["annotations"] = [{**a, "category_id": renumber[a["category_id"]]} for a in dataset["annotations"]]
+    other = tmp_path / "instances_val_other.json"
+    other.write_text(json.dumps(dataset))
+    eval_cfg = tiny_config(train={"base_iters": 1}, data={"val": {"annotations": str(other),
+                                                                  "images": str(synth_root / "val")}})
+    names = [c["name"] for c in sorted(dataset["categories"], key=lambda c: c["id"])]
+    with pytest.raises(UserError) as caught:
+        evaluate(eval_cfg, result.weights)
+    message = str(caught.value)
+    assert message.count("error:") == 1, message
+    assert (f"data.val's categories differ from the ones {result.weights} was trained on: data.val has "
+            f"[10 {names[0]!r}, 20 {names[1]!r}, 35 {names[2]!r}], {result.weights} "
+            f"[10 {names[0]!r}, 20 {names[1]!r}, 30 {names[2]!r}]") in message
+
+
+def test_eval_of_weights_without_category_ids_reads_the_training_split(finished_run, tiny_config,
+                                                                      tmp_path: Path) -> None:
+    """Files written before category ids were recorded: eval takes the categories from data.train, as before."""
+    cfg, result = finished_run
+    state = load_file(result.weights)
+    del state["category_ids"]
+    old = tmp_path / "old_model_final.pth"
+    save_file(state, old)
+    assert evaluate(cfg, old) == result.metrics
+    missing = str(tmp_path / "gone/instances_train.json")
+    eval_cfg = tiny_config(train={"base_iters": 1}, data={"train": {"annotations": missing,
+                                                                    "images": str(tmp_path / "gone")}})
+    with pytest.raises(UserError, match="instances_train.json"):
+        evaluate(eval_cfg, old)
+
+
+def _voc(root: Path, images: dict[str, list[tuple[str, int, tuple]]]) -> Path:
+    """A VOC year folder with splits train (stems t*) and val (stems v*)."""
+    for stem, objects in images.items():
+        write_image(root / "JPEGImages" / f"{stem}.jpg", 40, 30)
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{stem}.xml").write_text(voc_xml(stem, 40, 30, objects))
+    (root / "ImageSets/Main").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (root / "ImageSets/Main" / f"{split}.txt").write_text("".join(f"{s}\n" for s in images if s[0] == split[0]))
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc"])
+def test_the_val_split_alone_is_checked_and_built_as_with_the_training_split(fmt: str, tiny_config,
+                                                                            tmp_path: Path) -> None:
+    """build_val_dataset, given the training categories, gives the val dataset build_datasets gives (a VOC val
+    split with fewer classes still takes the training ids by name), and the same errors."""
+    data = {}
+    if fmt == "voc":
+        root = _voc(tmp_path / "VOC", {"t1": [("cat", 0, (1, 1, 10, 10)), ("horse", 0, (5, 5, 30, 20))],
+                                       "t2": [("dog", 0, (2, 2, 20, 20))],
+                                       "v1": [("dog", 0, (3, 3, 12, 12)), ("horse", 1, (1, 1, 40, 30))]})
+        data = {"train": {"format": "voc", "root": str(root), "split": "train"},
+                "val": {"format": "voc", "root": str(root), "split": "val"}}
+    cfg = tiny_config(data=data)
+    train_set, val_set = build_datasets(cfg, with_masks=False)
+    alone = build_val_dataset(cfg, train_set.class_names, train_set.label_to_category[1:], trained="the model")
+    def names(dataset: dict) -> list[tuple[int, str]]:  # a weights file records ids and names, no supercategory
+        return [(c["id"], c["name"]) for c in dataset["categories"]]
+
+    assert {**alone.coco.dataset, "categories": None} == {**val_set.coco.dataset, "categories": None}
+    assert names(alone.coco.dataset) == names(val_set.coco.dataset)
+    assert alone.label_to_category == val_set.label_to_category == train_set.label_to_category
+    if fmt == "voc":
+        assert train_set.class_names == ["cat", "dog", "horse"]
+        (root / "Annotations/v1.xml").write_text(voc_xml("v1", 40, 30, [("zebra", 0, (3, 3, 12, 12))]))
+        problem = "v1.xml: image 1: object 1: class 'zebra' is not in the class list ['cat', 'dog', 'horse']"
+        for build in (lambda: build_datasets(cfg, with_masks=False),
+                      lambda: build_val_dataset(cfg, train_set.class_names, train_set.label_to_category[1:])):
+            with pytest.raises(UserError) as caught:
+                build()
+            assert [line for line in str(caught.value).splitlines() if "error:" in line] == [
+                f"  error: {root / 'Annotations' / problem}"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from labelenc import __version__
-from labelenc.engine.distributed import is_main_process, unwrap
+from labelenc.engine.distributed import all_gather_objects, get_rank, get_world_size, is_main_process, unwrap
 from labelenc.errors import UserError
 from labelenc.fileio import write_atomic, write_text_atomic
 
@@ -110,9 +110,10 @@ class Checkpointer:
     """Saves and restores model, optimizer, scheduler, iteration and RNG state of one run directory."""
 
     def __init__(
-        self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict, start_time: float | None = None
+        self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict, start_time: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.output_dir = Path(output_dir)
         self.extra = extra  # config, stage: recorded in every file
         self.start_time = time.perf_counter() if start_time is None else start_time  # this process's start
@@ -123,11 +124,13 @@ class Checkpointer:
         return self.earlier_wall_time + time.perf_counter() - self.start_time
 
     def save(self, name: str, iteration: int) -> Path:
+        """Write the training state; every process calls it (each contributes its RNG state), the main one writes."""
         path = self.output_dir / f"{name}.pth"
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng_per_process = all_gather_objects(rng)
         if is_main_process():
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
             save_file(
                 {
                     "model": unwrap(self.model).state_dict(),
@@ -135,7 +138,10 @@ class Checkpointer:
                     "scheduler": self.scheduler.state_dict(),
                     "iteration": iteration,
                     "rng": rng,
+                    "rng_per_process": rng_per_process,
                     "wall_time": self.wall_time(),
+                    **({"scaler": self.scaler.state_dict()} if self.scaler is not None and self.scaler.is_enabled()
+                       else {}),
                     **self.extra,
                 },
                 path,
@@ -168,8 +174,16 @@ class Checkpointer:
         self.earlier_wall_time = state.get("wall_time", 0.0)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        per_process = state.get("rng_per_process", [state["rng"]])
+        if len(per_process) != get_world_size():
+            logger.warning("%s was written by %d process(es), this run has %d: each process restarts from the RNG "
+                           "state of the first one, so the run will not repeat the interrupted one exactly",
+                           path, len(per_process), get_world_size())
+        rng = per_process[get_rank()] if len(per_process) == get_world_size() else per_process[0]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         logger.info("resumed from %s at iteration %d", path, state["iteration"])
         return state["iteration"]

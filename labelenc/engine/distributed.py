@@ -37,7 +37,9 @@ def local_device(requested: str) -> torch.device:
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda was requested but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # each process binds its own GPU (NCCL and default allocations use it)
+        return device
     return torch.device("cpu")
 
 
@@ -53,3 +55,22 @@ def all_gather_objects(obj: object) -> list[object]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any process: a decision every process must take alike (e.g. skipping a step,
+    since one process skipping DDP's gradient all-reduce while another runs it would hang both)."""
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_processes(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each scalar averaged over the processes (logged losses), in one all-reduce."""
+    if get_world_size() == 1 or not values:
+        return values
+    stacked = torch.stack([v.detach().float() for v in values])
+    dist.all_reduce(stacked)
+    return list(stacked / get_world_size())

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from labelenc.engine.checkpoint import Checkpointer
-from labelenc.engine.distributed import is_main_process, unwrap
+from labelenc.engine.distributed import get_world_size, is_main_process, unwrap
 from labelenc.engine.trainer import BatchError, Hook, Trainer
 from labelenc.fileio import write_text_atomic
 
@@ -54,7 +54,7 @@ class PeriodicCheckpoint(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         error = trainer.error
-        if isinstance(error, BatchError) and error.iteration > 0:
+        if isinstance(error, BatchError) and error.iteration > 0 and get_world_size() == 1:  # others may be mid-step
             path = self.checkpointer.save(f"checkpoint_{error.iteration:07d}", error.iteration)
             error.args = (f"{error}; its state is saved in {path}: fix or remove the file, then rerun the same "
                           "command with --resume",)

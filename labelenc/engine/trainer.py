@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from labelenc.engine.distributed import any_process, mean_over_processes
 from labelenc.errors import UserError, error_text
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ def move_to_device(batch: tuple[list, list], device: torch.device) -> tuple[list
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images, targets
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 needs a loss scaler; for off and bf16 the scaler is disabled and every call is a no-op."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -61,14 +70,16 @@ class Trainer:
         device: torch.device,
         hooks: list[Hook] = (),
         grad_clip: float | None = None,
-        amp: bool = False,
+        amp: str = "off",
         max_bad_steps: int = 5,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.max_iter, self.device = max_iter, device
         self.hooks = list(hooks)
         self.grad_clip = grad_clip
-        self.amp = amp and device.type == "cuda"
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.scaler = scaler if scaler is not None else build_grad_scaler(amp, device)
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0  # consecutive iterations skipped for a non-finite loss or gradient
         self.iter = 0
@@ -104,30 +115,49 @@ class Trainer:
             raise BatchError(f"{error_text(err)}; training stopped before iteration {self.iter}", self.iter) from None
         images, targets = move_to_device(batch, self.device)
         data_time = time.perf_counter() - start
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss_dict = self.model(images, targets)
         loss = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
         bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+        if any_process(bool(bad), loss.device) and not bad:  # all processes skip together, or DDP would hang
+            bad = ["loss on another process"]
+        overflow = False
         if not bad:
-            loss.backward()
-            if self.grad_clip is not None:
-                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)):
-                    bad = ["gradient norm"]
+            self.scaler.scale(loss).backward()
+            overflow = not self._clip_gradients()  # gradients are all-reduced: every process sees the same
+            bad = ["gradient norm"] if overflow and not self.scaler.is_enabled() else []
         if bad:
             self._skip_step(bad, loss_dict)
+        elif overflow:  # fp16: the scale was too large; the scaler lowers it and skips the step, as it should
+            logger.info("iteration %d skipped: fp16 gradient overflow, loss scale now %g", self.iter,
+                        self.scaler.get_scale() / 2)
+            self.scaler.update()
         else:
             self.bad_steps = 0
-            self.optimizer.step()
-        self.metrics = {k: v.detach().item() for k, v in loss_dict.items()}
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        values = mean_over_processes([*loss_dict.values(), loss])  # what is logged: the mean over processes
+        self.metrics = {k: v.item() for k, v in zip([*loss_dict, "loss"], values)}
         self.metrics.update(
-            loss=loss.detach().item(),
             lr=self.optimizer.param_groups[0]["lr"],
             time=time.perf_counter() - start,
             data_time=data_time,
-            skipped=float(bool(bad)),
+            skipped=float(bool(bad) or overflow),
         )
+
+    def _clip_gradients(self) -> bool:
+        """Unscale (fp16), clip to ``grad_clip``; False when the gradients are not finite. Without clipping or a
+        scaler the check is skipped, as a non-finite loss is caught before the backward pass."""
+        if self.grad_clip is None and not self.scaler.is_enabled():
+            return True
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return bool(torch.isfinite(norm))
 
     def _skip_step(self, bad: list[str], loss_dict: dict[str, torch.Tensor]) -> None:
         """Leave the weights untouched for a non-finite step; end the run after too many in a row."""

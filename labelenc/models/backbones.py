@@ -1,10 +1,16 @@
-"""Backbone + FPN construction for torchvision detectors, with local-only pretrained weights."""
+"""Backbone + FPN construction for torchvision detectors, with pretrained weights from a file or torchvision."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import threading
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -19,6 +25,11 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from labelenc.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_ENV = "LABELENC_OFFLINE"  # set (to anything but 0 / false / no / off): never download weights
+DOWNLOAD_TIMEOUT = 10.0  # s: to reach the weights' server, and for any one read of a download to stall
 
 
 class WeightsError(UserError, RuntimeError):
@@ -41,10 +52,52 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def resolve_backbone_weights(backbone: str, spec: str) -> dict[str, torch.Tensor]:
+def offline() -> bool:
+    """Whether ``LABELENC_OFFLINE`` forbids downloads (any value but empty, 0, false, no, off)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def torch_cache_file(url: str) -> Path:
+    """Where torch.hub keeps the file of ``url``: ``<torch.hub.get_dir()>/checkpoints/<name>`` (honours
+    ``TORCH_HOME``), the place torchvision's ``weights.get_state_dict`` reads and downloads to."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _unreachable(url: str, timeout: float) -> str | None:
+    """Why no connection to ``url``'s server (or the proxy urllib would use) opens within ``timeout``; None if one does.
+
+    Runs in a daemon thread joined with a timeout, so that a name lookup that hangs (which no socket timeout
+    bounds) cannot hang the caller.
+    """
+    parts = urlparse(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"cannot connect to {host}:{port}: {err.strerror or str(err) or type(err).__name__}")
+
+    thread = threading.Thread(target=connect, name="labelenc-weights-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:g} s"
+
+
+def resolve_backbone_weights(backbone: str, spec: str, download: bool = True) -> dict[str, torch.Tensor]:
     """Return the classification-network state dict named by ``spec``: a file path or a torchvision weights name.
 
-    Names are looked up in the local torch hub cache only; nothing is downloaded.
+    A name (e.g. ``IMAGENET1K_V1``, any weights of ``backbone``) is read from the torch cache (see
+    :func:`torch_cache_file`); when the cache lacks it, torchvision downloads it there (``weights.get_state_dict``,
+    hash checked), as for any torchvision user, unless ``download`` is False or ``LABELENC_OFFLINE`` is set. A
+    download that is off or cannot happen (no network: found out within :data:`DOWNLOAD_TIMEOUT` seconds) is one
+    :class:`WeightsError` naming the URL to fetch and the cache file to put it in.
     """
     if Path(spec).suffix in {".pth", ".pt", ".bin"} or Path(spec).exists():
         return load_state_dict_file(spec)
@@ -56,13 +109,34 @@ def resolve_backbone_weights(backbone: str, spec: str) -> dict[str, torch.Tensor
         raise WeightsError(
             f"model.backbone_weights={spec!r}: not a file and not a weights name of {backbone} ({allowed})"
         ) from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
-        raise WeightsError(
-            f"model.backbone_weights={spec!r}: {cached} is not in the local torch cache and this tool never downloads. "
-            f"Fetch {weights.url} on a machine with internet access and pass the file path instead."
-        )
-    return load_state_dict_file(cached)
+    cached = torch_cache_file(weights.url)
+    if cached.is_file():
+        return load_state_dict_file(cached)
+    fetch = (f"Fetch {weights.url} on a machine with internet access and put it at {cached} (the torch cache; "
+             "TORCH_HOME moves it), or give a file's path as model.backbone_weights.")
+    if not download or offline():
+        off = "model.download is false" if not download else f"{OFFLINE_ENV}={os.environ[OFFLINE_ENV]}"
+        raise WeightsError(f"model.backbone_weights={spec!r}: {cached} is not in the torch cache and downloading "
+                           f"is off ({off}). {fetch}")
+    reason = _unreachable(weights.url, DOWNLOAD_TIMEOUT)
+    if reason is None:
+        logger.info("downloading %s to %s", weights.url, cached)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # urllib's urlopen in torch.hub takes no timeout of its own
+        try:
+            state = weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
+        except Exception as err:  # URLError, timeouts, a hash mismatch (RuntimeError), an unreadable file
+            cause = getattr(err, "reason", None) or err
+            reason = (f"timed out: no data for {DOWNLOAD_TIMEOUT:g} s" if isinstance(cause, TimeoutError)
+                      else str(cause) or type(cause).__name__)
+        else:
+            if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+                return state
+            reason = "the downloaded file does not hold a state dict of tensors"
+        finally:
+            socket.setdefaulttimeout(previous)
+    raise WeightsError(f"model.backbone_weights={spec!r}: {cached} is not in the torch cache and cannot be "
+                       f"downloaded ({reason}). {fetch}")
 
 
 @dataclass(frozen=True)
@@ -100,12 +174,14 @@ def build_backbone(
     returned_layers: list[int],
     fpn_channels: int,
     extra_blocks: Callable[[int], ExtraFPNBlock],
+    download: bool = True,
 ) -> BackboneWithFPN:
     """Body ``name`` (a key of :data:`BACKBONES`) with an FPN of ``fpn_channels`` channels on C2..C5 (``returned_layers``
     in 1..4).
 
     As in torchvision: BatchNorm from random init, FrozenBatchNorm with pretrained weights; the first layers are
     frozen only for pretrained weights (``trainable_layers`` None: the backbone's default, all from random init).
+    ``weights`` is resolved by :func:`resolve_backbone_weights` (``download``: whether a name may be downloaded).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
@@ -114,7 +190,7 @@ def build_backbone(
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     net = get_model(name, weights=None, norm_layer=norm)
     if pretrained:
-        state = resolve_backbone_weights(name, weights)
+        state = resolve_backbone_weights(name, weights, download)
         head_prefix = spec.classifier_prefix
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
         result = net.load_state_dict(state, strict=False)

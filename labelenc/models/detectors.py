@@ -73,7 +73,7 @@ class DetectorFamily:
     def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
         """The torchvision detector for ``num_classes`` object classes (background excluded)."""
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.trainable_layers,
-                                  list(self.returned_layers), cfg.fpn_channels, self.extra_blocks)
+                                  list(self.returned_layers), cfg.fpn_channels, self.extra_blocks, cfg.download)
         kwargs: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size,
                                   self.detections_arg: cfg.detections_per_image}
         if cfg.anchor_sizes is not None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_raw
+from conftest import run_killed_then_resumed, tiny_raw
 
 from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
@@ -29,22 +27,6 @@ def _write_config(raw: dict, path: Path) -> Path:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "labelenc.cli", *args]
-
-
-def _run_killed_then_resumed(command: str, config: Path, output_dir: Path, extra: list[str]) -> None:
-    """Start a run, SIGKILL it once its first checkpoint exists, then finish it with --resume."""
-    proc = subprocess.Popen(_cli(command, str(config), *extra), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not (output_dir / "checkpoint_0000002.pth").exists():
-        assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within the time limit"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (output_dir / FINAL_WEIGHTS).exists(), "the run finished before it was killed"
-    resumed = subprocess.run(_cli(command, str(config), *extra, "--resume"), env=ENV, capture_output=True)
-    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
 
 
 def _uninterrupted(command: str, config: Path, extra: list[str]) -> None:
@@ -71,7 +53,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(stage: str, synth_root:
         raw["train"].update(base_iters=30, checkpoint_period=2)
         config = _write_config(raw, tmp_path / f"{name}.yaml")
         if name == "killed":
-            _run_killed_then_resumed(stage, config, tmp_path / name, extra)
+            run_killed_then_resumed(_cli(stage, str(config), *extra), tmp_path / name, ENV)
         else:
             _uninterrupted(stage, config, extra)
         results[name] = _final_state(tmp_path / name)
