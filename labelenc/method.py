@@ -50,14 +50,18 @@ class FeatureAdaption(nn.Module):
 def loss_feature_distance(adapted: Features, encoded: Features) -> Tensor:
     """Eq. 10: MSE between per-level layer-normalised features, all levels concatenated (target detached).
 
-    Computed in float32 under mixed precision: the normalisation's statistics and the mean of squares lose too much
-    in 16 bits.
+    Computed in (at least) float32 under mixed precision: the normalisation's statistics and the mean of squares
+    lose too much in 16 bits.
     """
     device_type = next(iter(adapted.values())).device.type
     with torch.autocast(device_type, enabled=False):
-        student = torch.cat([F.group_norm(x.float(), 1).flatten(1) for x in adapted.values()], dim=1)
-        target = torch.cat([F.group_norm(x.detach().float(), 1).flatten(1) for x in encoded.values()], dim=1)
+        student = torch.cat([F.group_norm(_at_least_float32(x), 1).flatten(1) for x in adapted.values()], dim=1)
+        target = torch.cat([F.group_norm(_at_least_float32(x.detach()), 1).flatten(1) for x in encoded.values()], dim=1)
         return F.mse_loss(student, target)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def label_maps_of(
