@@ -27,6 +27,10 @@ EXAMPLES = {
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
     "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2\n"
     "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
+    "export": "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format onnx "
+    "--out runs/demo/detector.onnx\n"
+    "  labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format torchscript "
+    "--out runs/demo/detector.pt",
 }
 
 
@@ -118,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--skip-baselines", action="store_true", help="run only Step 1 and Step 2")
     pipe.add_argument("--label-encoder", default=None, help="reuse this Step-1 label encoder instead of running step1")
     pipe.add_argument("--overwrite", action="store_true", help="replace previous runs in output_dir")
+    export = _parser(
+        "export", sub,
+        "write the plain detector as TorchScript or ONNX and check the file against the PyTorch model on the "
+        "config's validation images (PASS, or FAIL with exit 2 and the file renamed *.parity-failed.*)",
+    )
+    _config_args(export)
+    export.add_argument("--weights", required=True, help="model_final.pth or a checkpoint_*.pth")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"], dest="export_format",
+                        help="torchscript (torch.jit.script) or onnx (opset 17; needs pip install 'labelenc[export]')")
+    export.add_argument("--out", required=True, help="file to write, e.g. runs/demo/detector.onnx")
+    export.add_argument("--score-thresh", type=float, default=None,
+                        help="score threshold saved in the exported model (default: torchvision's, 0.05; FCOS 0.2)")
     return parser
 
 
@@ -199,6 +215,14 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     if args.command == "eval":
         _print_metrics(runner.evaluate(cfg, args.weights))
+        return
+    if args.command == "export":
+        from labelenc.export import export_detector
+
+        report = export_detector(cfg, args.weights, args.export_format, args.out, args.score_thresh)
+        print("\n".join(report.lines()))
+        if not report.passed:
+            raise UserError(report.failure())
         return
     stage = next(stage for stage in STAGES.values() if stage.command == args.command)
     inputs = {i.name: getattr(args, i.name) for i in stage.inputs if getattr(args, i.name)}

@@ -42,6 +42,10 @@ ORDER = [
     "labelenc train configs/demo_cpu.yaml --init-weights runs/demo/model_final.pth output_dir=runs/finetune",
     "labelenc pipeline configs/demo_cpu.yaml",
     "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
+    "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format onnx "
+    "--out runs/demo/detector.onnx",
+    "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format torchscript "
+    "--out runs/demo/detector.pt",
     "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2",
     "labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
     "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
@@ -58,8 +62,12 @@ WRITES = {
         "runs/s2/model_final.pth",
     "torchrun --nproc_per_node 2 -m labelenc.cli train configs/demo_cpu.yaml output_dir=runs/ddp":
         "runs/ddp/model_final.pth",
+    "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format onnx "
+    "--out runs/demo/detector.onnx": "runs/demo/detector.onnx",
 }
-TINY = {"model": {"backbone": "resnet18", "fpn_channels": 32, "min_size": 64, "max_size": 64},
+# FPN 64 as the real demo: FCOS's GroupNorm(32) over 32 channels cannot run a single 64-px image (1x1 P7), as
+# the export examples do.
+TINY = {"model": {"backbone": "resnet18", "fpn_channels": 64, "min_size": 64, "max_size": 64},
         "train": {"base_iters": 2, "batch_size": 4, "warmup_iters": 1, "checkpoint_period": 2, "log_period": 1},
         "data": {"num_workers": 0}, "labelenc": {"encoder_width": 0.0625}}
 
