@@ -374,7 +374,7 @@ def export_detector(cfg: Config, weights: str | Path, fmt: str, out: str | Path,
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / ('detector' + SUFFIX[fmt])}")
     train_set, val_set = build_datasets(cfg, with_masks=False)
     detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}),
-                              runner._num_classes(cfg, train_set))
+                              runner.num_classes_of(cfg, train_set))
     runner.load_detector_weights(detector, weights, cfg, train_set.class_names)
     detector.eval()
     post = _postprocessor(detector)

@@ -181,7 +181,8 @@ def start_run(cfg: Config, resume: bool, overwrite: bool) -> RunSetup:
     return RunSetup(device, output_dir, train_set, val_set)
 
 
-def _num_classes(cfg: Config, train_set: CocoDetection) -> int:
+def num_classes_of(cfg: Config, train_set: CocoDetection) -> int:
+    """The class count of the training data, refusing a ``model.num_classes`` that disagrees with it."""
     if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
         raise UserError(
             f"model.num_classes={cfg.model.num_classes} but {train_set.annotation_file} has "
@@ -253,7 +254,7 @@ def train(
     recipe.check_inputs(inputs)
     run = start_run(cfg, resume, overwrite)
     device, output_dir, train_set = run.device, run.output_dir, run.train_set
-    detector = build_detector(cfg.model, _num_classes(cfg, train_set))
+    detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
     if init_weights is not None:
         load_detector_weights(detector, init_weights, cfg, train_set.class_names)
     objective = recipe.build(cfg, detector, train_set.class_names, inputs)
@@ -372,7 +373,7 @@ def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
     trained = _trained_categories(weights)
     if trained is None:
         train_set, val_set = build_datasets(cfg, with_masks=with_masks)
-        class_names, num_classes = train_set.class_names, _num_classes(cfg, train_set)
+        class_names, num_classes = train_set.class_names, num_classes_of(cfg, train_set)
     else:
         class_names, category_ids = trained
         if cfg.model.num_classes is not None and cfg.model.num_classes != len(category_ids):
