@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from labelenc.encoder import LabelEncoder
+from labelenc.encoder import LabelEncoder, level_channels
 from labelenc.errors import UserError
 from labelenc.engine.checkpoint import CheckpointError, load_file, save_file
 from labelenc.models import FAMILIES, family_of
@@ -20,17 +20,42 @@ class IncompatibleLabelEncoder(UserError, ValueError):
     """A label encoder trained for another detector family, class list or pyramid."""
 
 
-def encoder_metadata(family: str, class_names: list[str], fpn_channels: int, width: float, backbone: str) -> dict:
-    """What a Step-2 detector must share with the Step-1 run (``backbone`` is informative: it may differ)."""
+# Metadata keys added since the first artifacts, with the value that those artifacts were built with.
+_META_DEFAULTS = {"p6_from": "p5", "h_init": "kaiming_normal"}
+_COMPATIBLE_KEYS = ("family", "class_names", "returned_layers", "fpn_channels", "p6_from")
+
+
+def encoder_metadata(
+    family: str,
+    class_names: list[str],
+    fpn_channels: int,
+    width: float,
+    backbone: str | None,
+    *,
+    p6_from: str = "p5",
+    h_init: str = "kaiming_normal",
+) -> dict:
+    """What a Step-2 detector must share with the Step-1 run, and how h was built.
+
+    ``backbone`` is informative (it may differ in Step 2; None: Step 1 had none); ``p6_from`` is ``model.p6_from`` (h's FPN takes P6
+    from the same level as the detector's); ``h_init`` is ``labelenc.h_init``, how Step 1 initialised h.
+    """
     return {
         "family": family,
         "class_names": list(class_names),
         "num_classes": len(class_names),
         "returned_layers": list(FAMILIES[family].returned_layers),
         "fpn_channels": fpn_channels,
+        "p6_from": p6_from,
         "encoder_width": width,
+        "h_init": h_init,
         "step1_backbone": backbone,
     }
+
+
+def _meta(meta: dict, key: str) -> Any:
+    """``meta[key]``, or for a key that an older artifact lacks, the value it was built with."""
+    return meta.get(key, _META_DEFAULTS.get(key))
 
 
 def save_label_encoder(path: str | Path, encoder: LabelEncoder, detector: nn.Module, meta: dict, config: dict) -> None:
@@ -50,21 +75,24 @@ def load_label_encoder(path: str | Path) -> dict[str, Any]:
 
 def check_compatible(meta: dict, expected: dict, source: str) -> None:
     """Refuse an artifact whose family, classes or pyramid differ from the Step-2 run's, saying what differs."""
-    keys = ("family", "class_names", "returned_layers", "fpn_channels")
-    diffs = [f"{k}: label encoder has {meta.get(k)!r}, this run has {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
+    diffs = [f"{k}: label encoder has {_meta(meta, k)!r}, this run has {_meta(expected, k)!r}"
+             for k in _COMPATIBLE_KEYS if _meta(meta, k) != _meta(expected, k)]
     if diffs:
         raise IncompatibleLabelEncoder(f"label encoder {source} does not fit this detector:\n  " + "\n  ".join(diffs))
 
 
 def build_label_encoder(meta: dict) -> LabelEncoder:
-    """An untrained h with the architecture recorded in ``meta``."""
+    """An untrained h with the architecture and initialisation recorded in ``meta``."""
     family = FAMILIES[meta["family"]]
+    returned_layers = list(family.returned_layers)
+    c5_channels = level_channels(returned_layers, meta["encoder_width"])[-1] if _meta(meta, "p6_from") == "c5" else None
     return LabelEncoder(
         meta["num_classes"],
         meta["fpn_channels"],
-        list(family.returned_layers),
-        family.extra_blocks(meta["fpn_channels"]),
+        returned_layers,
+        family.extra_blocks(meta["fpn_channels"], c5_channels),
         width=meta["encoder_width"],
+        init=_meta(meta, "h_init"),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from labelenc.encoder import H_INITS
 from labelenc.errors import UserError
 from labelenc.fileio import write_text_atomic
 from labelenc.models.backbones import BACKBONES
@@ -40,7 +41,18 @@ class ModelConfig(_Strict):
     trainable_layers: int | None = Field(
         None, ge=0, description="None: torchvision's default (all layers from random init, 3 with pretrained weights)."
     )
+    frozen_bn: bool | None = Field(
+        None,
+        description="Backbone normalisation: true FrozenBatchNorm (the loaded statistics and affine, fixed; from "
+        "random init that is the identity), false BatchNorm (batch statistics, trained affine); None: torchvision's "
+        "rule, FrozenBatchNorm with backbone_weights and BatchNorm from random init.",
+    )
     fpn_channels: int = Field(256, ge=8)
+    p6_from: Literal["p5", "c5"] = Field(
+        "p5",
+        description="RetinaNet / FCOS: the input of the extra P6 level (P7 follows from P6); p5: torchvision's "
+        "choice, c5: the authors' (their USE_C5). The label encoder h follows the detector.",
+    )
     min_size: int = Field(800, ge=32, description="Short side after the detector's resize.")
     max_size: int = Field(1333, ge=32, description="Long-side limit after the detector's resize.")
     num_classes: int | None = Field(None, ge=1, description="None: taken from the training data.")
@@ -131,6 +143,10 @@ class TrainConfig(_Strict):
     reference_batch_size: int = Field(16, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
+    bias_lr_factor: float = Field(1.0, gt=0, description="LR multiplier of bias parameters (the authors' recipe: 2).")
+    bias_weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay of bias parameters; None: train.weight_decay (the authors' recipe: 0).",
+    )
     warmup_iters: int = Field(1000, ge=0, description="Linear LR warm-up length.")
     warmup_factor: float = Field(0.001, gt=0, le=1)
     lr_decay_points: tuple[float, float] = Field(
@@ -141,6 +157,10 @@ class TrainConfig(_Strict):
         5, ge=1, description="Iterations with a non-finite loss are skipped; this many in a row end the run."
     )
     checkpoint_period: int = Field(5000, ge=1)
+    keep_checkpoints: int | None = Field(
+        None, ge=1, description="Keep only the newest N periodic checkpoints (older ones are deleted as new ones are "
+        "written); None keeps them all, as detectron2 does.",
+    )
     log_period: int = Field(20, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -187,6 +207,12 @@ class LabelEncConfig(_Strict):
     detection_weight: float = Field(1.0, ge=0, description="Step 1: lambda_1 of L2 = L_det(d(f(I)), y).")
     distance_weight: float = Field(1.0, ge=0, description="lambda (Step 2) and lambda_2 (Step 1) of L_dis.")
     box_jitter: bool = Field(True, description="Step 1: random per-box down-scaling of label maps.")
+    h_init: Literal[tuple(H_INITS)] = Field(
+        "kaiming_normal",
+        description="Step 1: initialisation of h's body. kaiming_normal: every convolution kaiming_normal_ (fan_out, "
+        "ReLU) with zero biases; authors: as the authors' code, kaiming_uniform_(a=1) on the bottleneck and shortcut "
+        "convolutions, PyTorch's default for the stem and every bias.",
+    )
 
 
 class Config(_Strict):

@@ -1,4 +1,6 @@
-"""Tests for the label encoding function h (labelenc/encoder.py)."""
+"""Tests for the label encoding function h (labelenc/encoder.py), and h as built from artifact metadata."""
+
+import math
 
 import pytest
 import torch
@@ -6,7 +8,15 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from labelenc.encoder import LabelEncoder
+from labelenc.artifact import (
+    IncompatibleLabelEncoder,
+    build_label_encoder,
+    check_compatible,
+    encoder_metadata,
+    init_detector_from_artifact,
+)
+from labelenc.encoder import LabelEncoder, level_channels
+from labelenc.models import build_detector
 
 NUM_CLASSES = 6
 TINY = 1 / 16
@@ -158,3 +168,105 @@ def test_gradient_reaches_every_parameter(returned_layers, extra) -> None:
     sum(f.sum() for f in encoder(torch.rand(2, NUM_CLASSES, 64, 64)).values()).backward()
     for name, p in encoder.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------------------------------- initialisation
+
+
+def _bottleneck_convs(encoder: LabelEncoder) -> list[nn.Conv2d]:
+    return [conv for name, conv in encoder.body.named_modules()
+            if isinstance(conv, nn.Conv2d) and name.startswith("layer")]
+
+
+def test_authors_init_is_kaiming_uniform_a1_on_bottleneck_convs() -> None:
+    """h_init=authors: every bottleneck conv (shortcut included) within kaiming_uniform(a=1)'s bound sqrt(3/fan_in)
+    and spread up to it; the stem and every bias keep PyTorch's default, uniform within 1/sqrt(fan_in)."""
+    torch.manual_seed(0)
+    encoder = LabelEncoder(NUM_CLASSES, 16, [1, 2, 3, 4], LastLevelMaxPool(), width=0.25, init="authors")
+    convs = _bottleneck_convs(encoder)
+    assert len(convs) == 6 * 3 + 4  # conv1..3 of 6 blocks, 4 shortcuts
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        bound = math.sqrt(3 / fan_in)
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.abs().max() > 0.9 * bound  # not kaiming_normal's (unbounded) nor default's (1/sqrt)
+    for conv in [encoder.body.stem, *convs]:
+        bound = 1 / math.sqrt(conv.weight[0].numel())
+        if conv is encoder.body.stem:
+            assert conv.weight.abs().max() <= bound
+        if conv.bias is not None:
+            assert 0 < conv.bias.abs().max() <= bound
+
+
+def test_default_init_is_kaiming_normal_with_zero_biases() -> None:
+    """The default (kaiming_normal) is what h always had: same tensors as asking for it, every body bias zero."""
+    torch.manual_seed(0)
+    default = LabelEncoder(NUM_CLASSES, 16, [2, 3, 4], LastLevelP6P7(16, 16), width=TINY).state_dict()
+    torch.manual_seed(0)
+    named = LabelEncoder(NUM_CLASSES, 16, [2, 3, 4], LastLevelP6P7(16, 16), width=TINY,
+                         init="kaiming_normal").state_dict()
+    assert all(torch.equal(default[k], named[k]) for k in default)
+    assert all(not v.any() for k, v in default.items() if k.startswith("body.") and k.endswith(".bias"))
+    with pytest.raises(ValueError, match="unknown initialisation 'xavier' of h; allowed: kaiming_normal, authors"):
+        LabelEncoder(NUM_CLASSES, 16, [2, 3, 4], None, width=TINY, init="xavier")
+
+
+def test_h_init_reaches_h_through_the_artifact_metadata() -> None:
+    """build_label_encoder initialises h as the metadata says; metadata without h_init (older artifacts) is the
+    default."""
+    meta = encoder_metadata("fcos", ["a", "b", "c"], 32, TINY, "resnet18", h_init="authors")
+    assert meta["h_init"] == "authors"
+    torch.manual_seed(0)
+    built = build_label_encoder(meta).state_dict()
+    torch.manual_seed(0)
+    direct = LabelEncoder(3, 32, [2, 3, 4], LastLevelP6P7(32, 32), width=TINY, init="authors").state_dict()
+    assert all(torch.equal(built[k], direct[k]) for k in direct)
+    old = {k: v for k, v in encoder_metadata("fcos", ["a", "b", "c"], 32, TINY, "resnet18").items() if k != "h_init"}
+    torch.manual_seed(0)
+    built = build_label_encoder(old).state_dict()
+    torch.manual_seed(0)
+    direct = LabelEncoder(3, 32, [2, 3, 4], LastLevelP6P7(32, 32), width=TINY).state_dict()
+    assert all(torch.equal(built[k], direct[k]) for k in direct)
+
+
+# ------------------------------------------------------------------------------------------------ P6 from C5
+
+
+def test_h_with_p6_from_c5_takes_its_own_c5() -> None:
+    """p6_from=c5 in the metadata: h's P6 conv reads h's C5 (round(2048 * width) channels), not the detector's."""
+    meta = encoder_metadata("retinanet", ["a", "b", "c"], 16, TINY, "resnet18", p6_from="c5")
+    encoder = build_label_encoder(meta).eval()
+    c5 = level_channels([2, 3, 4], TINY)[-1]
+    assert c5 == 128 == encoder.body.out_channels_list[-1]
+    assert encoder.fpn.extra_blocks.p6.in_channels == c5 and not encoder.fpn.extra_blocks.use_P5
+    with torch.no_grad():
+        features = encoder(torch.rand(1, 3, 64, 64))
+    assert features["p6"].shape == (1, 16, 1, 1) and features["p7"].shape == (1, 16, 1, 1)
+
+
+def test_step2_init_with_p6_from_c5_skips_only_p6(tiny_config) -> None:
+    """h's P6 (from its C5) and the detector's (from a resnet18 C5 of 512) differ in shape: Step 2 copies P7 and the
+    output convs from h and leaves P6 alone."""
+    torch.manual_seed(0)
+    cfg = tiny_config(model={"p6_from": "c5"})
+    meta = encoder_metadata("retinanet", ["a", "b", "c"], cfg.model.fpn_channels, TINY, "resnet18", p6_from="c5")
+    encoder = build_label_encoder(meta)
+    detector = build_detector(cfg.model, 3)
+    artifact = {"encoder": encoder.state_dict(), "heads": {"head": detector.head.state_dict()}, "meta": meta}
+    result = init_detector_from_artifact(detector, artifact)
+    assert {"extra_blocks.p6.weight", "extra_blocks.p6.bias"} <= set(result["skipped"])
+    assert {"extra_blocks.p7.weight", "extra_blocks.p7.bias"} <= set(result["copied"])
+
+
+@pytest.mark.parametrize("step1, step2", [("p5", "c5"), ("c5", "p5"), (None, "c5")], ids=["p5-c5", "c5-p5", "old-c5"])
+def test_a_label_encoder_of_another_p6_source_is_refused(step1: str | None, step2: str) -> None:
+    """check_compatible names p6_from when h's P6 source is not the run's; an artifact without the key is p5."""
+    have = encoder_metadata("retinanet", ["a", "b"], 16, TINY, "resnet18", p6_from=step1 or "p5")
+    if step1 is None:
+        del have["p6_from"]
+    want = encoder_metadata("retinanet", ["a", "b"], 16, TINY, "resnet18", p6_from=step2)
+    with pytest.raises(IncompatibleLabelEncoder, match=f"p6_from: label encoder has '{step1 or 'p5'}', this run has "
+                                                      f"'{step2}'"):
+        check_compatible(have, want, "h.pth")
+    if step1 is None:
+        check_compatible(have, encoder_metadata("retinanet", ["a", "b"], 16, TINY, "resnet18"), "h.pth")

@@ -48,9 +48,14 @@ class DetectorFamily:
     fpn_channels_multiple: int = 1  # the FPN width must be a multiple of this (GroupNorm heads)
     anchor_generator_arg: str | None = "anchor_generator"  # None: the family takes no anchor sizes
     detections_arg: str = "detections_per_img"
+    p6_sources: tuple[str, ...] = ("p5",)  # what the FPN's P6 may be computed from (model.p6_from)
 
-    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
-        """The FPN's extra block (also used on top of the label encoder h)."""
+    def extra_blocks(self, channels: int, c5_channels: int | None = None) -> ExtraFPNBlock:
+        """The FPN's extra block on ``channels``-channel levels (also used on top of the label encoder h).
+
+        ``c5_channels``: P6 is computed from C5, which has that many channels (``model.p6_from: c5``, only for a
+        family whose :attr:`p6_sources` has "c5"); None: from P5.
+        """
         raise NotImplementedError
 
     def anchor_scales(self, size: int) -> tuple[int, ...]:
@@ -68,12 +73,16 @@ class DetectorFamily:
         if cfg.fpn_channels % self.fpn_channels_multiple:
             errors.append(f"model.fpn_channels must be a multiple of {self.fpn_channels_multiple} for {self.name} "
                           f"(its head uses GroupNorm({self.fpn_channels_multiple}))")
+        if cfg.p6_from not in self.p6_sources:
+            errors.append(f"model.p6_from={cfg.p6_from!r} does not apply to {self.name} (allowed: "
+                          f"{', '.join(self.p6_sources)})")
         return errors
 
     def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
         """The torchvision detector for ``num_classes`` object classes (background excluded)."""
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.trainable_layers,
-                                  list(self.returned_layers), cfg.fpn_channels, self.extra_blocks, cfg.download)
+                                  list(self.returned_layers), cfg.fpn_channels, self.extra_blocks, cfg.download,
+                                  cfg.frozen_bn, cfg.p6_from)
         kwargs: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size,
                                   self.detections_arg: cfg.detections_per_image}
         if cfg.anchor_sizes is not None:
@@ -98,9 +107,12 @@ class DetectorFamily:
 class _OneStage(DetectorFamily):
     returned_layers = (2, 3, 4)
     head_modules = ("head",)
+    p6_sources = ("p5", "c5")  # torchvision's P6 from P5, or the authors' from C5 (their USE_C5)
 
-    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
-        return LastLevelP6P7(channels, channels)
+    def extra_blocks(self, channels: int, c5_channels: int | None = None) -> ExtraFPNBlock:
+        block = LastLevelP6P7(channels if c5_channels is None else c5_channels, channels)
+        block.use_P5 = c5_channels is None  # torchvision infers it from in == out channels, which C5 may also have
+        return block
 
     def head_outputs(self, model: nn.Module, images: ImageList, features: Features):
         levels = list(features.values())
@@ -138,7 +150,9 @@ class FasterRCNNFamily(DetectorFamily):
     anchor_generator_arg = "rpn_anchor_generator"
     detections_arg = "box_detections_per_img"
 
-    def extra_blocks(self, channels: int) -> ExtraFPNBlock:
+    def extra_blocks(self, channels: int, c5_channels: int | None = None) -> ExtraFPNBlock:
+        if c5_channels is not None:
+            raise ValueError(f"{self.name}'s P6 is max-pooled from P5; it cannot be computed from C5")
         return LastLevelMaxPool()
 
     def head_losses(self, model, images, features, targets):

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from labelenc.config import ConfigError
 from labelenc.data.coco import CocoDetection
 from labelenc.data.loader import collate
 from labelenc.models import FAMILIES, WeightsError, build_detector, family_of, head_losses
@@ -85,7 +86,8 @@ TWO_STAGE = {"0": 16, "1": 8, "2": 4, "3": 2, "pool": 1}  # P2..P6
 BACKBONES = [  # every backbone and family, each layout with both FPN paths (torchvision's 256 and a rebuilt one)
     ("resnet18", 256, "retinanet"), ("resnet18", 24, "faster_rcnn"), ("resnet34", 32, "fcos"),
     ("resnet50", 24, "mask_rcnn"), ("resnet101", 24, "retinanet"), ("mobilenet_v3_large", 24, "retinanet"),
-    ("mobilenet_v3_large", 256, "faster_rcnn"),
+    ("mobilenet_v3_large", 256, "faster_rcnn"), ("mobilenet_v2", 256, "retinanet"), ("mobilenet_v2", 24, "mask_rcnn"),
+    ("resnet50_dcn", 32, "fcos"),
 ]
 
 
@@ -172,3 +174,59 @@ def test_detector_output_in_eval_mode(tiny_config, batch) -> None:
         assert set(out) >= {"boxes", "scores", "labels"} and len(out["boxes"]) <= 7
         assert ((out["labels"] >= 1) & (out["labels"] <= NUM_CLASSES)).all()
     assert isinstance(model.backbone.body.bn1, nn.BatchNorm2d)
+
+
+# ------------------------------------------------------------------------------------- P6 from C5, frozen BN
+
+
+@pytest.mark.parametrize("family, backbone, c5", [("retinanet", "resnet18", 512), ("fcos", "mobilenet_v2", 320)])
+def test_p6_from_c5_takes_the_backbones_c5(family: str, backbone: str, c5: int, tiny_config) -> None:
+    """model.p6_from=c5: the P6 conv reads C5 (its channels), P7 follows, and the pyramid keeps its shapes."""
+    torch.manual_seed(0)
+    cfg = tiny_config(family, model={"backbone": backbone, "p6_from": "c5"}).model
+    fpn_channels = cfg.fpn_channels
+    body = build_detector(cfg, NUM_CLASSES).backbone.eval()
+    extra = body.fpn.extra_blocks
+    assert extra.p6.in_channels == c5 == body.fpn.inner_blocks[-1][0].in_channels and not extra.use_P5
+    assert extra.p7.in_channels == fpn_channels
+    with torch.no_grad():
+        features = body(torch.rand(1, 3, 64, 64))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        k: (1, fpn_channels, s, s) for k, s in ONE_STAGE.items()}
+    default = build_detector(tiny_config(family, model={"backbone": backbone}).model, NUM_CLASSES)
+    assert default.backbone.fpn.extra_blocks.p6.in_channels == fpn_channels and default.backbone.fpn.extra_blocks.use_P5
+
+
+def test_p6_from_c5_holds_when_c5_has_the_fpn_width() -> None:
+    """torchvision's LastLevelP6P7 guesses P5 from in == out channels; the family says C5 explicitly."""
+    assert not FAMILIES["retinanet"].extra_blocks(16, 16).use_P5
+    assert FAMILIES["retinanet"].extra_blocks(16).use_P5
+
+
+@pytest.mark.parametrize("family", ["faster_rcnn", "mask_rcnn"])
+def test_p6_from_c5_is_refused_for_max_pooled_p6(family: str, tiny_config) -> None:
+    with pytest.raises(ConfigError, match=f"model.p6_from='c5' does not apply to {family}"):
+        tiny_config(family, model={"p6_from": "c5"})
+    with pytest.raises(ValueError, match="cannot be computed from C5"):
+        FAMILIES[family].extra_blocks(16, 512)
+
+
+@pytest.mark.parametrize("frozen_bn, pretrained, norm", [
+    (None, False, nn.BatchNorm2d), (True, False, FrozenBatchNorm2d), (False, True, nn.BatchNorm2d),
+    (True, True, FrozenBatchNorm2d),
+], ids=["default-random", "frozen-random", "batchnorm-pretrained", "frozen-pretrained"])
+def test_frozen_bn_forces_the_backbone_norm(frozen_bn: bool | None, pretrained: bool, norm: type, tiny_config,
+                                            tmp_path: Path) -> None:
+    """model.frozen_bn True / False forces FrozenBatchNorm / BatchNorm whatever the weights; loaded statistics
+    are the file's either way, and trainable_layers still freezes the first stages."""
+    torch.manual_seed(0)
+    state = resnet18().state_dict()
+    state["bn1.running_mean"] = torch.arange(64, dtype=torch.float32)
+    path = tmp_path / "r18.pth"
+    torch.save(state, path)
+    model = {"frozen_bn": frozen_bn, "backbone_weights": str(path) if pretrained else None, "trainable_layers": 3}
+    body = build_detector(tiny_config(model=model).model, NUM_CLASSES).backbone.body
+    norms = [m for m in body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(type(m) is norm for m in norms)
+    assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"]) == pretrained
+    assert not body.conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
