@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from labelenc.data.loader import build_datasets, build_train_loader
 from labelenc.engine.hooks import LossWeights
 from labelenc.engine.trainer import Trainer, move_to_device
 from labelenc.errors import UserError
+from labelenc.method import loss_feature_distance
 from labelenc.models import FAMILIES, build_detector
 from labelenc.runner import build_lr_scheduler, build_optimizer
 from labelenc.stages import STAGES, Objective
@@ -49,8 +52,9 @@ VARIANTS = {
     "step1": ("Step1(detector, h), λ2=1 (full cost)", "step1", "after_warmup"),
     "step1_warmup": ("Step1 warm-up, λ2=0 (no A, no L_dis)", "step1", "first"),
     "step2": ("Step2(detector, frozen h), λ=1", "step2", "first"),
+    "floor": ("floor: baseline + A fwd/bwd + frozen-h fwd, each timed alone", "baseline", "first"),
 }
-DEFAULT_VARIANTS = ["baseline", "step1", "step1_warmup", "step2"]
+DEFAULT_VARIANTS = ["baseline", "step1", "step1_warmup", "step2", "floor"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,12 +172,16 @@ def build_variant(name: str, cfg: Config, class_names: list[str], workdir: Path)
     Step-1 recipe writes to ``workdir``)."""
     _, stage, phase = VARIANTS[name]
     inputs: dict[str, str] = {}
-    if stage == "step2":
+    if stage == "step2" or name == "floor":
         torch.manual_seed(cfg.train.seed)
         step1 = STAGES["step1"].build(cfg, build_detector(cfg.model, len(class_names)), class_names, {})
         inputs = {k: str(v) for k, v in step1.save_outputs(workdir, cfg.model_dump(mode="json")).items()}
     torch.manual_seed(cfg.train.seed)
     objective = STAGES[stage].build(cfg, build_detector(cfg.model, len(class_names)), class_names, inputs)
+    if name == "floor":  # the Step-2 parts, to be timed on their own beside the baseline step
+        step2 = STAGES["step2"].build(cfg, build_detector(cfg.model, len(class_names)), class_names, inputs).model
+        objective.model.add_module("target", step2.target)
+        objective.model.add_module("adaption", step2.adaption)
     return objective, objective.lr_offset if phase == "after_warmup" else 0
 
 
@@ -193,7 +201,9 @@ class VariantRun:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, self.model)
         build_lr_scheduler(cfg, optimizer, objective.lr_offset)  # sets the run's first LR; it is not stepped
-        self.data = itertools.cycle([move_to_device(b, self.device) for b in batches])
+        self.on_device = [move_to_device(b, self.device) for b in batches]
+        self.data = itertools.cycle(self.on_device)
+        self.parts_ms: dict[str, list[float]] = {"baseline step": [], "frozen h fwd": [], "A + L_dis fwd/bwd": []}
         self.trainer = Trainer(self.model, optimizer, self.data, start_iter + args.warmup + args.iters, self.device,
                                [LossWeights(objective.weight_schedules)], cfg.train.grad_clip, cfg.train.amp)
         self.trainer.iter = start_iter
@@ -208,11 +218,43 @@ class VariantRun:
         """One training iteration; its compute time in ms (the batch is already on the device)."""
         for hook in self.trainer.hooks:  # the loss weights of this iteration
             hook.before_step(self.trainer)
+        batch = self.on_device[len(self.ms) % len(self.on_device)]  # the one run_step takes from the cycle
         self.trainer.run_step(self.data)  # forward, backward, SGD step; .item() of the losses syncs CUDA
         self.trainer.iter += 1
         metrics = self.trainer.metrics
         self.ms.append((metrics["time"] - metrics["data_time"]) * 1e3)
+        if self.name == "floor":
+            self.ms[-1] += self._step2_parts(batch)
         return self.ms[-1]
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _step2_parts(self, batch) -> float:
+        """Time what Step 2 must add to a baseline step at the least, each part alone: the frozen h (label maps
+        included) forward, and the adaption net A with L_dis forward and backward on the step's features."""
+        model, (images, targets) = self.model, batch
+        dtype = self.trainer.amp_dtype
+        autocast = {"device_type": self.device.type, "dtype": dtype, "enabled": dtype is not None}
+        self.parts_ms["baseline step"].append(self.ms[-1])
+        with torch.no_grad(), torch.autocast(**autocast):
+            image_list, targets = model.detector.transform(images, targets)
+            features = model.detector.backbone(image_list.tensors)
+            start = self._sync()
+            encoded = model.target(image_list, targets)
+            h_ms = (self._sync() - start) * 1e3
+        features = OrderedDict((k, v.detach().requires_grad_()) for k, v in features.items())
+        start = self._sync()
+        with torch.autocast(**autocast):
+            loss = loss_feature_distance(model.adaption(features), encoded)
+        loss.backward()
+        a_ms = (self._sync() - start) * 1e3
+        model.adaption.zero_grad(set_to_none=True)
+        self.parts_ms["frozen h fwd"].append(h_ms)
+        self.parts_ms["A + L_dis fwd/bwd"].append(a_ms)
+        return h_ms + a_ms
 
     def result(self) -> dict:
         timed = self.ms[self.warmup:]
@@ -234,6 +276,7 @@ class VariantRun:
             ).hexdigest()[:16],
             "loss_terms": sorted(k for k in self.trainer.metrics if k not in ("loss", "lr", "time", "data_time")),
             "data_fingerprint": fingerprint(self.batches),
+            "parts_ms_median": {k: statistics.median(v[self.warmup:]) for k, v in self.parts_ms.items() if v},
             "peak_cuda_mb": None,
             "peak_rss_mb": None,
             "rss_growth_mb": None,
@@ -358,6 +401,23 @@ def main() -> None:
               f"| {r['ratio_vs_baseline']:.2f} | {mem_s} | {mem_ratio} | {growth} "
               f"| {r['trainable_params'] / 1e6:.2f}M | {r['exported_params'] / 1e6:.3f}M |")
 
+    for r in results:
+        if r["parts_ms_median"]:
+            parts = ", ".join(f"{k} {v:.0f} ms" for k, v in r["parts_ms_median"].items())
+            print(f"\n{r['variant']}: medians of its parts, each timed alone: {parts}")
+    ratios = {r["variant"]: r for r in results}
+    targets = [("step2", "ms", 1.15), ("step2", "mem", 1.2), ("step1", "ms", 1.6)]
+    print("\ntargets (issue 10): Step 2 <= 1.15x the baseline's time and <= 1.2x its memory; Step 1 <= 1.6x its time")
+    for variant, what, limit in targets:
+        if variant not in ratios:
+            continue
+        r = ratios[variant]
+        ratio = r["ratio_vs_baseline"] if what == "ms" else (
+            None if r[mem_key] is None or base[mem_key] is None else r[mem_key] / base[mem_key])
+        if ratio is None:
+            continue
+        verdict = "met" if ratio <= limit else f"MISSED by {ratio - limit:.2f} ({100 * (ratio / limit - 1):.0f}%)"
+        print(f"- {variant} {'time' if what == 'ms' else 'memory'}: {ratio:.2f}x (target {limit}x): {verdict}")
     same = len({(r["exported_params"], r["exported_state_numel"], r["exported_signature"]) for r in results}) == 1
     print(f"\nzero inference cost: the exported detector (state_dict keys, shapes, dtypes; {base['exported_params']:,} "
           f"parameters, {base['exported_state_numel']:,} tensor elements) is "

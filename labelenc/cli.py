@@ -1,4 +1,5 @@
-"""The ``labelenc`` command: data generation, training (baseline, Step 1, Step 2), evaluation, the full pipeline."""
+"""The ``labelenc`` command: data generation, training (baseline, Step 1, Step 2), evaluation, the full pipeline,
+the ablation tables and export."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 from labelenc.errors import UserError, error_text
 from labelenc.stages import STAGES, Stage
+from labelenc.tables import TABLES
 
 EXAMPLES = {
     "synth": "labelenc data synth --out data/synth --seed 0\n  labelenc data synth --out data/big --num-train 500 --image-size 256",
@@ -27,6 +29,14 @@ EXAMPLES = {
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
     "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2\n"
     "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
+    "ablate": "labelenc ablate configs/demo_cpu.yaml --table 2\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 3 --other-backbone resnet34\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 4\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 5\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 6 --seeds 0,1,2\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 6 --teacher runs/demo/seed0/baseline_2x/model_final.pth "
+    "output_dir=runs/kd\n"
+    "  labelenc ablate configs/demo_cpu.yaml --table 7 model.family=mask_rcnn output_dir=runs/mask",
     "export": "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format onnx "
     "--out runs/demo/detector.onnx\n"
     "  labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format torchscript "
@@ -122,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--skip-baselines", action="store_true", help="run only Step 1 and Step 2")
     pipe.add_argument("--label-encoder", default=None, help="reuse this Step-1 label encoder instead of running step1")
     pipe.add_argument("--overwrite", action="store_true", help="replace previous runs in output_dir")
+    ablate = _parser(
+        "ablate", sub,
+        "run the runs one of the paper's ablation tables needs (reusing finished runs in output_dir) and write "
+        "output_dir/tableN.md, .json and .png: ours beside the paper's numbers, with paired seed statistics. "
+        "2: reconstruction-only Step 1; 3: label encoder from another backbone's Step 1; 4: Step-1 detector alone; "
+        "5: supervision vs initialisation in Step 2; 6: knowledge distillation; 7: Mask R-CNN",
+    )
+    _config_args(ablate)
+    ablate.add_argument("--table", type=int, required=True, choices=sorted(TABLES), help="the paper's table number")
+    ablate.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: train.seed)")
+    ablate.add_argument("--other-backbone", default=None, metavar="NAME",
+                        help="table 3: the Step-1 backbone whose label encoder is reused (required); table 6: the "
+                        "teacher's backbone (default: the config's own)")
+    ablate.add_argument("--teacher", default=None, metavar="FILE",
+                        help="table 6: a trained teacher's model_final.pth (default: train one)")
+    ablate.add_argument("--overwrite", action="store_true", help="replace previous runs in output_dir")
     export = _parser(
         "export", sub,
         "write the plain detector as TorchScript or ONNX and check the file against the PyTorch model on the "
@@ -198,6 +224,19 @@ def _dispatch_data(args: argparse.Namespace) -> None:
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
+def _seeds(text: str | None, cfg) -> list[int]:
+    """``--seeds 0,1,2`` as a list (default: the config's ``train.seed``); a malformed list is a clear error."""
+    if not text:
+        return [cfg.train.seed]
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     from labelenc.config import load_config
 
@@ -208,8 +247,16 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "pipeline":
         from labelenc.pipeline import run_pipeline
 
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.train.seed]
-        run_pipeline(cfg, seeds, args.skip_baselines, args.label_encoder, args.overwrite)
+        run_pipeline(cfg, _seeds(args.seeds, cfg), args.skip_baselines, args.label_encoder, args.overwrite)
+        return
+    if args.command == "ablate":
+        from labelenc.experiments import run_experiment
+
+        experiment = TABLES[args.table](cfg, args.other_backbone)
+        given = {"teacher": args.teacher} if args.teacher else {}
+        if args.teacher and args.table != 6:
+            raise UserError(f"--teacher is for table 6 (knowledge distillation), not table {args.table}")
+        run_experiment(cfg, experiment, _seeds(args.seeds, cfg), given, args.overwrite, f"table{args.table}")
         return
     from labelenc import runner
 
@@ -227,7 +274,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     stage = next(stage for stage in STAGES.values() if stage.command == args.command)
     inputs = {i.name: getattr(args, i.name) for i in stage.inputs if getattr(args, i.name)}
     result = runner.train(cfg, stage.name, inputs, args.resume, args.overwrite, args.init_weights)
-    print(f"weights: {result.weights}")
+    if result.weights is not None:  # a stage that trains no detector (step1-recon) writes its outputs only
+        print(f"weights: {result.weights}")
     for name, path in result.outputs.items():
         print(f"{name.replace('_', ' ')}: {path}")
     _print_metrics(result.metrics)

@@ -68,9 +68,11 @@ PARITY_IMAGES = 8
 BOX_TOL = 1e-2  # pixels, absolute
 SCORE_TOL = 1e-3  # absolute
 ONNX_MAX_BYTES = 2**31 - 1  # one ONNX protobuf file holds at most 2 GiB
-# (family, format) -> why that family cannot be exported to that format. None is known with torch 2.14 /
-# torchvision 0.29: all four families export to both formats and pass the parity check.
-UNSUPPORTED: dict[tuple[str, str], str] = {}
+# (family or backbone, format) -> why it cannot be exported to that format. All four families export to both
+# formats and pass the parity check with torch 2.14 / torchvision 0.29; deformable convolution has no ONNX operator.
+_NO_ONNX_DCN = "torchvision.ops.deform_conv2d has no ONNX operator (export TorchScript instead)"
+UNSUPPORTED: dict[tuple[str, str], str] = {("resnet50_dcn", "onnx"): _NO_ONNX_DCN,
+                                           ("resnet101_dcn", "onnx"): _NO_ONNX_DCN}
 METADATA = "labelenc.json"  # TorchScript extra file holding the metadata
 
 
@@ -191,12 +193,14 @@ def _require(fmt: str) -> None:
                           "pip install 'labelenc[export]'")
 
 
-def check_supported(family: str, fmt: str) -> None:
-    """Refuse an unknown format or a family that cannot be exported to it (before anything is built or written)."""
+def check_supported(family: str, fmt: str, backbone: str | None = None) -> None:
+    """Refuse an unknown format, or a family or backbone that cannot be exported to it (before anything is built or
+    written)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if (family, fmt) in UNSUPPORTED:
-        raise ExportError(f"{family} cannot be exported to {fmt}: {UNSUPPORTED[family, fmt]}")
+    for part in (family, backbone):
+        if (part, fmt) in UNSUPPORTED:
+            raise ExportError(f"{part} cannot be exported to {fmt}: {UNSUPPORTED[part, fmt]}")
 
 
 def _postprocessor(detector: nn.Module) -> nn.Module:
@@ -368,7 +372,7 @@ def export_detector(cfg: Config, weights: str | Path, fmt: str, out: str | Path,
     """
     start = time.perf_counter()
     weights, out = Path(weights), Path(out)
-    check_supported(cfg.model.family, fmt)
+    check_supported(cfg.model.family, fmt, cfg.model.backbone)
     _require(fmt)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / ('detector' + SUFFIX[fmt])}")

@@ -8,7 +8,9 @@ h — an autoencoder in label space whose decoder is the detection head — join
     L3 = λ2 · L_dis(f(I), h(y))       no gradient into h                        (``feature_distance``)
 
 Step 2 (Eq. 7) trains a fresh detector with its own losses plus λ · L_dis(f(I), h(y)) towards the frozen h
-(:class:`LabelEncoderTarget`; any module mapping the transformed batch to backbone-shaped features can stand in).
+(:class:`LabelEncoderTarget`; any module mapping the transformed batch to backbone-shaped features can stand in, such
+as a trained teacher's backbone for knowledge distillation, :class:`TeacherTarget`). :class:`ReconstructionOnly` is
+the Step 1 of the paper's Table-2 ablation: L1 alone, with no image backbone.
 L_dis (Eq. 10) is ``‖LN(A(x_f)) − LN(x_h)‖²`` with a small adaption net A and a per-level layer norm.
 Weights live in ``loss_weights``; a zero weight skips the term's computation (Step-1 warm-up, Step-2 cut-off).
 docs/method.md maps every equation to the code and says where this implementation differs from the authors'.
@@ -149,6 +151,28 @@ class Step1(_DetectorObjective):
         return losses
 
 
+class ReconstructionOnly(_DetectorObjective):
+    """Step 1 with L1 alone (paper, Table 2): h and the head(s) learn to reconstruct the labels, with no image backbone.
+
+    The detector's backbone is dropped (set to None): the objective's parameters are h's (with its FPN) and the
+    head(s)', and the detector serves only its transform and head(s).
+    """
+
+    def __init__(
+        self, detector: nn.Module, encoder: LabelEncoder, reconstruction_weight: float = 1.0, box_jitter: bool = True
+    ) -> None:
+        detector.backbone = None
+        super().__init__(detector, {"reconstruction": reconstruction_weight})
+        self.encoder = encoder
+        self.box_jitter = box_jitter
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        image_list, targets = self.detector.transform(images, targets)
+        maps, classes = label_maps_of(image_list, targets, self.encoder.num_classes, self.box_jitter, self.with_masks)
+        recon = head_losses(self.detector, image_list, self.encoder(maps, classes), targets)
+        return self.weighted("reconstruction", recon, prefix="reconstruction_")
+
+
 class LabelEncoderTarget(nn.Module):
     """The paper's target h(y): label maps of the transformed batch through a frozen label encoder h."""
 
@@ -163,12 +187,24 @@ class LabelEncoderTarget(nn.Module):
         return self.encoder(maps, classes)
 
 
+class TeacherTarget(nn.Module):
+    """Knowledge distillation's target (paper, Table 6): a trained teacher's backbone + FPN features of the batch."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.out_channels = backbone.out_channels
+
+    def forward(self, images: ImageList, targets: list[dict[str, Tensor]]) -> Features:
+        return self.backbone(images.tensors)
+
+
 class Step2(_DetectorObjective):
     """Eq. 7: a detector trained with its own losses plus the distance to the features of a frozen ``target``.
 
     ``target(image_list, targets)`` maps the transformed batch to a feature dict with the detector backbone's keys
-    and shapes (:class:`LabelEncoderTarget` for LabelEnc; a teacher's backbone for distillation). It is frozen, kept
-    in eval mode and run without gradient.
+    and shapes (:class:`LabelEncoderTarget` for LabelEnc, :class:`TeacherTarget` for distillation). It is frozen,
+    kept in eval mode and run without gradient.
     """
 
     def __init__(self, detector: nn.Module, target: nn.Module, distance_weight: float = 1.0) -> None:

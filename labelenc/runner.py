@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from labelenc.config import Config, ConfigError, load_config, save_config
 from labelenc.data.coco import CocoDetection
 from labelenc.data.loader import build_datasets, build_eval_loader, build_train_loader, build_val_dataset
-from labelenc.engine.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, load_file, save_file
+from labelenc.engine.checkpoint import Checkpointer, latest_checkpoint, load_file, save_file
 from labelenc.engine.distributed import (
     all_gather_objects,
     get_rank,
@@ -39,15 +39,15 @@ from labelenc.errors import UserError
 from labelenc.evaluation import CocoEvaluator
 from labelenc.fileio import write_json_atomic, write_text_atomic
 from labelenc.models import FAMILIES, build_detector
-from labelenc.stages import STAGES, Objective
+from labelenc.stages import STAGES, Objective, load_strictly, read_detector_weights
 
 logger = logging.getLogger(__name__)
 
 FINAL_WEIGHTS = "model_final.pth"
 SUMMARY = "run_summary.json"
 # Config keys that may differ on --resume: they change neither the model nor the batches nor the optimisation.
-RESUMABLE_KEYS = ("train.max_bad_steps", "train.log_period", "train.checkpoint_period", "data.num_workers",
-                  "data.strict", "model.download")
+RESUMABLE_KEYS = ("train.max_bad_steps", "train.log_period", "train.checkpoint_period", "train.keep_checkpoints",
+                  "data.num_workers", "data.strict", "model.download")
 
 
 class RunDirError(UserError, RuntimeError):
@@ -56,10 +56,13 @@ class RunDirError(UserError, RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a finished run wrote: its directory, final detector weights, COCO metrics and the stage's outputs."""
+    """What a finished run wrote: its directory, final detector weights, COCO metrics and the stage's outputs.
+
+    A stage that trains no detector has no weights (None) and no metrics (empty).
+    """
 
     output_dir: Path
-    weights: Path
+    weights: Path | None
     metrics: dict[str, dict[str, float]]
     wall_time: float
     outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"label_encoder": ...} for Step 1
@@ -153,10 +156,14 @@ class RunSetup:
     val_set: CocoDetection
 
 
-def start_run(cfg: Config, resume: bool, overwrite: bool) -> RunSetup:
+def start_run(
+    cfg: Config, resume: bool, overwrite: bool,
+    check_input_files: Callable[[list[str]], None] = lambda class_names: None,
+) -> RunSetup:
     """Everything before the model: process group, run directory and log, seed, validated data, saved config.
 
-    Nothing is written before the data passes validation: a directory created here is removed again if it fails.
+    Nothing is written before the data passes validation and ``check_input_files(class names of the data)`` accepts
+    the stage's input files: a directory created here is removed again if either fails.
     """
     device = local_device(cfg.train.device)
     init_distributed(device)
@@ -169,6 +176,7 @@ def start_run(cfg: Config, resume: bool, overwrite: bool) -> RunSetup:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         train_set, val_set = build_datasets(cfg, with_masks=FAMILIES[cfg.model.family].with_masks)
+        check_input_files(train_set.class_names)
     except UserError:
         if handler is not None:
             logging.getLogger("labelenc").removeHandler(handler)
@@ -196,8 +204,16 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     lr = scaled_lr(cfg.train.base_lr, cfg.train.reference_batch_size, cfg.train.batch_size)
     logger.info("global batch %d on %d process(es), lr %.5g (base %.5g for batch %d)", cfg.train.batch_size,
                 get_world_size(), lr, cfg.train.base_lr, cfg.train.reference_batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    bias_lr, bias_decay = lr * cfg.train.bias_lr_factor, cfg.train.bias_weight_decay
+    if bias_lr == lr and bias_decay in (None, cfg.train.weight_decay):
+        groups = [{"params": [p for _, p in params]}]
+    else:  # detectron2's BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS (the authors' recipe: x2, no decay)
+        biases = [p for name, p in params if name.endswith(".bias")]
+        groups = [{"params": [p for name, p in params if not name.endswith(".bias")]},
+                  {"params": biases, "lr": bias_lr,
+                   "weight_decay": cfg.train.weight_decay if bias_decay is None else bias_decay}]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
 def build_lr_scheduler(
@@ -218,7 +234,7 @@ def default_hooks(
     return [
         LossWeights(objective.weight_schedules),
         LRScheduler(scheduler),
-        PeriodicCheckpoint(checkpointer, cfg.train.checkpoint_period),
+        PeriodicCheckpoint(checkpointer, cfg.train.checkpoint_period, cfg.train.keep_checkpoints),
         MetricsWriter(checkpointer.output_dir, cfg.train.log_period),
         ProgressBar(description),
     ]
@@ -245,14 +261,16 @@ def train(
     cfg: Config, stage: str = "baseline", inputs: Mapping[str, str] | None = None, resume: bool = False,
     overwrite: bool = False, init_weights: str | Path | None = None,
 ) -> RunResult:
-    """Train one stage of :data:`~labelenc.stages.STAGES`, write its weights and outputs, then evaluate them.
+    """Train one stage of :data:`~labelenc.stages.STAGES`, write its outputs and weights, then evaluate them (a
+    stage that trains no detector writes its outputs only).
 
-    ``inputs`` are the files the stage reads (Step 2: ``{"label_encoder": path}``); ``init_weights`` loads detector
-    weights before the stage's own initialisation and starts at iteration 0 (``resume`` continues a run instead).
+    ``inputs`` are the files the stage reads (Step 2: ``{"label_encoder": path}`` or ``{"teacher": path}``), checked
+    before the run directory is written; ``init_weights`` loads detector weights before the stage's own
+    initialisation and starts at iteration 0 (``resume`` continues a run instead).
     """
     recipe, inputs, start_time = STAGES[stage], dict(inputs or {}), time.perf_counter()
     recipe.check_inputs(inputs)
-    run = start_run(cfg, resume, overwrite)
+    run = start_run(cfg, resume, overwrite, lambda class_names: recipe.check_input_files(cfg, class_names, inputs))
     device, output_dir, train_set = run.device, run.output_dir, run.train_set
     detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
     if init_weights is not None:
@@ -276,20 +294,37 @@ def train(
         cfg.train.amp, cfg.train.max_bad_steps, scaler,
     )
     trainer.train(start_iter)
-    weights, outputs = output_dir / FINAL_WEIGHTS, {}
-    if is_main_process():
-        save_file({"kind": "detector", "model": detector.state_dict(), **extra}, weights)
-        outputs = objective.save_outputs(output_dir, extra["config"]) if objective.save_outputs else {}
-    metrics = evaluate_detector(detector, run.val_set, device, _iou_types(cfg), cfg.train.batch_size,
-                                cfg.data.num_workers)
+    outputs = objective.save_outputs(output_dir, extra["config"]) if objective.save_outputs and is_main_process() else {}
+    weights, metrics = _save_and_evaluate(cfg, run, detector, extra) if recipe.trains_detector else (None, {})
     this_process = time.perf_counter() - start_time
     wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
     if is_main_process():
-        write_eval(weights, metrics)
         write_json_atomic(output_dir / SUMMARY, {"stage": stage, "iterations": objective.max_iter,
                                                  "wall_time": wall_time, "wall_time_this_process": this_process,
-                                                 "metrics": metrics})
+                                                 "inputs": input_record(inputs), "metrics": metrics})
     return RunResult(output_dir, weights, metrics, wall_time, outputs)
+
+
+def input_record(inputs: Mapping[str, str]) -> dict[str, str]:
+    """The input files of a run as its summary records them (absolute paths), to tell runs of other inputs apart."""
+    return {key: str(Path(path).resolve()) for key, path in sorted(inputs.items())}
+
+
+def _save_and_evaluate(
+    cfg: Config, run: RunSetup, detector: nn.Module, extra: dict
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Write the trained detector as model_final.pth, then evaluate it and write its metrics beside it.
+
+    Evaluation comes after the weights (and the last checkpoint) are written, so a failing evaluation loses nothing.
+    """
+    weights = run.output_dir / FINAL_WEIGHTS
+    if is_main_process():
+        save_file({"kind": "detector", "model": detector.state_dict(), **extra}, weights)
+    metrics = evaluate_detector(detector, run.val_set, run.device, _iou_types(cfg), cfg.train.batch_size,
+                                cfg.data.num_workers)
+    if is_main_process():
+        write_eval(weights, metrics)
+    return weights, metrics
 
 
 def _iou_types(cfg: Config) -> tuple[str, ...]:
@@ -326,28 +361,8 @@ def load_detector_weights(detector: nn.Module, weights: str | Path, cfg: Config,
     The file records the config and classes it was trained with; any difference from ``cfg`` and ``class_names`` in
     what the detector is (family, backbone, FPN width, classes) is one error naming each difference.
     """
-    state = load_file(weights, kind="weights")
-    if state.get("kind") == "label_encoder":
-        raise CheckpointError(f"{weights} is a label-encoder file (h and the head, written by step1), not detector "
-                              "weights: use model_final.pth or a checkpoint_*.pth of a run")
-    if not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{weights} holds no detector weights (no 'model' entry): expected model_final.pth or "
-                              "a checkpoint_*.pth of a run")
-    trained = state.get("config", {}).get("model", {})
-    differs = [f"{k}: weights {trained[k]!r}, config {getattr(cfg.model, k)!r}" for k in _DETECTOR_KEYS
-               if k in trained and trained[k] != getattr(cfg.model, k)]
-    if "class_names" in state and state["class_names"] != class_names:
-        differs.append(f"classes: weights {state['class_names']}, data {class_names}")
-    if differs:
-        raise UserError(f"{weights} does not fit the detector of this config: " + "; ".join(differs))
-    model_state = state["model"]
-    if state.get("kind") != "detector":  # a training checkpoint: keep the detector's part
-        model_state = {k[len("detector."):]: v for k, v in model_state.items() if k.startswith("detector.")}
-    try:
-        detector.load_state_dict(model_state, strict=True)
-    except RuntimeError as err:
-        reason = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"{weights} does not fit the detector of this config: {reason}") from None
+    model_state, _ = read_detector_weights(weights, cfg, class_names, _DETECTOR_KEYS)
+    load_strictly(detector, model_state, weights)
     logger.info("loaded detector weights from %s", weights)
 
 

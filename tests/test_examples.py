@@ -48,10 +48,20 @@ ORDER = [
     "--out runs/demo/detector.pt",
     "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2",
     "labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
+    "labelenc ablate configs/demo_cpu.yaml --table 4",
+    "labelenc ablate configs/demo_cpu.yaml --table 2",
+    "labelenc ablate configs/demo_cpu.yaml --table 5",
+    "labelenc ablate configs/demo_cpu.yaml --table 3 --other-backbone resnet34",
+    "labelenc ablate configs/demo_cpu.yaml --table 6 --seeds 0,1,2",
+    "labelenc ablate configs/demo_cpu.yaml --table 6 --teacher runs/demo/seed0/baseline_2x/model_final.pth "
+    "output_dir=runs/kd",
+    "labelenc ablate configs/demo_cpu.yaml --table 7 model.family=mask_rcnn output_dir=runs/mask",
     "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
     "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
     "labelenc step1 configs/demo_cpu.yaml output_dir=runs/s1",
     "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/s1/label_encoder.pth output_dir=runs/s2",
+    "labelenc step1-recon configs/demo_cpu.yaml output_dir=runs/s1r",
+    "labelenc step2 configs/demo_cpu.yaml --teacher runs/demo/seed0/baseline_2x/model_final.pth output_dir=runs/kd2",
     "torchrun --nproc_per_node 2 -m labelenc.cli train configs/demo_cpu.yaml output_dir=runs/ddp",
 ]
 # What a run's files must show afterwards (a folder, or a file that must exist), beyond exit code 0.
@@ -60,6 +70,9 @@ WRITES = {
     "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2": "runs/demo/seed2/step2/run_summary.json",
     "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/s1/label_encoder.pth output_dir=runs/s2":
         "runs/s2/model_final.pth",
+    "labelenc step1-recon configs/demo_cpu.yaml output_dir=runs/s1r": "runs/s1r/label_encoder.pth",
+    "labelenc step2 configs/demo_cpu.yaml --teacher runs/demo/seed0/baseline_2x/model_final.pth output_dir=runs/kd2":
+        "runs/kd2/model_final.pth",
     "torchrun --nproc_per_node 2 -m labelenc.cli train configs/demo_cpu.yaml output_dir=runs/ddp":
         "runs/ddp/model_final.pth",
     "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format onnx "
@@ -68,7 +81,8 @@ WRITES = {
 # FPN 64 as the real demo: FCOS's GroupNorm(32) over 32 channels cannot run a single 64-px image (1x1 P7), as
 # the export examples do.
 TINY = {"model": {"backbone": "resnet18", "fpn_channels": 64, "min_size": 64, "max_size": 64},
-        "train": {"base_iters": 2, "batch_size": 4, "warmup_iters": 1, "checkpoint_period": 2, "log_period": 1},
+        "train": {"base_iters": 2, "batch_size": 4, "warmup_iters": 1, "checkpoint_period": 2, "log_period": 1,
+                  "keep_checkpoints": 1},
         "data": {"num_workers": 0}, "labelenc": {"encoder_width": 0.0625}}
 
 
@@ -141,6 +155,11 @@ def test_example_runs_as_written(project: Path, command: str) -> None:
     assert "Traceback" not in done.stderr
     if command in WRITES:
         assert (project / WRITES[command]).is_file()
+    if argv[1] == "ablate":
+        table = argv[argv.index("--table") + 1]
+        output = next((a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")), "runs/demo")
+        report = json.loads((project / output / f"table{table}.json").read_text())
+        assert report["rows"] and (project / output / f"table{table}.png").is_file()
     if argv[1] == "pipeline":
         report = json.loads((project / "runs/demo/report.json").read_text())
         assert report["rows"] and (project / "runs/demo/report.md").is_file()

@@ -12,9 +12,13 @@ from conftest import tiny_raw
 from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
 from labelenc.errors import UserError
-from labelenc.pipeline import RUNS, run_pipeline
+from labelenc.pipeline import run_pipeline
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY
 from labelenc.stages import LABEL_ENCODER
+
+
+ROWS = ["baseline 1x", "baseline 2x", "step1-only", "LabelEnc"]
+RUN_DIRS = ["baseline_1x", "baseline_2x", "step1", "step2"]
 
 
 @pytest.fixture
@@ -28,18 +32,18 @@ def test_pipeline_runs_all_four_and_reports(tiny_pipeline_config, capsys: pytest
     """Baseline 1x/2x, Step 1 and Step 2 run with the right lengths; md/json/png reports hold the four rows."""
     root = Path(tiny_pipeline_config.output_dir)
     report = run_pipeline(tiny_pipeline_config, seeds=[0])
-    assert list(report["rows"]) == [row for row, *_ in RUNS]
+    assert list(report["rows"]) == ROWS
     iterations = {row: stats["iterations"] for row, stats in report["rows"].items()}
     warmup = round(tiny_pipeline_config.labelenc.step1_warmup * 2)
     assert iterations == {"baseline 1x": 2, "baseline 2x": 4, "step1-only": 2 + warmup, "LabelEnc": 2}
-    for _, name, _, _ in RUNS:
+    for name in RUN_DIRS:
         run_dir = root / "seed0" / name
         assert (run_dir / FINAL_WEIGHTS).is_file() and (run_dir / SUMMARY).is_file()
     assert (root / "seed0" / "step1" / LABEL_ENCODER).is_file()
     saved = json.loads((root / "report.json").read_text())
     assert saved["rows"].keys() == report["rows"].keys()
     markdown = (root / "report.md").read_text()
-    assert all(f"| {row} |" in markdown for row, *_ in RUNS)
+    assert all(f"| {row} |" in markdown for row in ROWS)
     assert (root / "report.png").stat().st_size > 10_000
     for row, stats in report["rows"].items():
         ap = stats["AP"][0]
@@ -56,13 +60,23 @@ def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline
     report = run_pipeline(tiny_pipeline_config, seeds=[0, 1])
     assert (root / "seed0" / "baseline_1x" / FINAL_WEIGHTS).stat().st_mtime_ns == first
     assert (root / "seed1" / "step2" / FINAL_WEIGHTS).is_file()
-    for row, runs in report["runs"].items():
+    for row, stats in report["rows"].items():
+        runs = report["runs"][stats["run"]]
         assert [r["seed"] for r in runs] == [0, 1]
         values = [100 * r["metrics"]["bbox"]["AP"] for r in runs]
         mean, std = report["rows"][row]["AP"]
         assert mean == pytest.approx(sum(values) / 2)
         assert std == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
-    assert "±" in (root / "report.md").read_text()
+    markdown = (root / "report.md").read_text()
+    assert "±" in markdown
+    first = report["comparisons"][0]  # the fair comparison: LabelEnc − baseline 2x, per seed, 12.706 * sd / sqrt(2)
+    assert (first["method"], first["reference"]) == ("LabelEnc", "baseline 2x")
+    differences = [a - b for a, b in zip(report["rows"]["LabelEnc"]["per_seed"]["AP"],
+                                         report["rows"]["baseline 2x"]["per_seed"]["AP"])]
+    assert first["differences"] == pytest.approx(differences)
+    half = 12.706 * abs(differences[0] - differences[1]) / 2 ** 0.5 / 2 ** 0.5
+    assert (first["low"], first["high"]) == (pytest.approx(first["mean"] - half), pytest.approx(first["mean"] + half))
+    assert f"| LabelEnc − baseline 2x | AP |" in markdown and first["verdict"] in markdown
 
 
 def test_pipeline_with_a_given_label_encoder_skips_step1(tiny_pipeline_config, tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from labelenc.config import load_config
 from labelenc.data.loader import build_datasets, build_val_dataset
 from labelenc.engine.checkpoint import load_file, save_file
 from labelenc.errors import UserError
+from labelenc import runner
+from labelenc.models import build_detector
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY, evaluate, train
 
 
@@ -193,3 +195,24 @@ def test_the_val_split_alone_is_checked_and_built_as_with_the_training_split(fmt
                 build()
             assert [line for line in str(caught.value).splitlines() if "error:" in line] == [
                 f"  error: {root / 'Annotations' / problem}"]
+
+
+def test_bias_lr_factor_and_weight_decay_make_a_bias_group(tiny_config) -> None:
+    """The authors' recipe (bias LR x2, no bias decay) as a second parameter group; the default keeps one group,
+    and the LR schedule scales both groups alike."""
+    cfg = tiny_config(train={"bias_lr_factor": 2.0, "bias_weight_decay": 0.0, "warmup_iters": 2})
+    model = build_detector(cfg.model, 3)
+    optimizer = runner.build_optimizer(cfg, model)
+    plain, biases = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") for p in biases["params"])
+    assert not any(names[id(p)].endswith(".bias") for p in plain["params"])
+    assert len(plain["params"]) + len(biases["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert biases["weight_decay"] == 0.0 and plain["weight_decay"] == cfg.train.weight_decay
+    scheduler = runner.build_lr_scheduler(cfg, optimizer)
+    for _ in range(3):
+        assert biases["lr"] == pytest.approx(2 * plain["lr"])
+        optimizer.step()
+        scheduler.step()
+    default = runner.build_optimizer(tiny_config(), model)
+    assert len(default.param_groups) == 1

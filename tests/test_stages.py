@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 from torch import nn
 
-from labelenc import cli, pipeline, runner
+from labelenc import cli, runner
 from labelenc.config import Config
 from labelenc.errors import UserError
 from labelenc.method import Baseline, LabelEncoderTarget, Step1, Step2
@@ -17,10 +17,14 @@ from labelenc.stages import LABEL_ENCODER, STAGES, Objective, Stage, register_st
 CLASSES = ["a", "b", "c"]
 
 
-def test_registry_holds_the_three_stages_in_pipeline_order() -> None:
-    assert sorted(STAGES) == ["baseline", "step1", "step2"]
-    assert [stage for _, _, stage, _ in pipeline.RUNS] == ["baseline", "baseline", "step1", "step2"]
-    assert [row for row, *_ in pipeline.RUNS] == ["baseline 1x", "baseline 2x", "step1-only", "LabelEnc"]
+def test_registry_holds_the_stages_and_only_the_paper_runs_have_pipeline_rows() -> None:
+    """The ablation stages get CLI commands but no pipeline row, so ``labelenc pipeline`` runs the paper's Table 1."""
+    assert list(STAGES) == ["baseline", "step1", "step2", "step1_recon", "step2_supervision_only", "step2_init_only"]
+    assert [(row, stage.name) for stage in STAGES.values() for row, *_ in stage.pipeline_rows] == [
+        ("baseline 1x", "baseline"), ("baseline 2x", "baseline"), ("step1-only", "step1"), ("LabelEnc", "step2")]
+    for command, inputs in (("step1-recon", []), ("step2-supervision-only", ["--label-encoder", "h.pth"]),
+                            ("step2-init-only", ["--label-encoder", "h.pth"])):
+        assert cli.parse_args([command, "cfg.yaml", *inputs]).command == command
 
 
 def test_recipes_set_lengths_offsets_and_loss_weight_schedules(tiny_config, tmp_path) -> None:
@@ -47,8 +51,26 @@ def test_recipes_set_lengths_offsets_and_loss_weight_schedules(tiny_config, tmp_
 
 
 def test_step2_without_its_target_file_is_refused_before_anything_is_built(tiny_config) -> None:
-    with pytest.raises(UserError, match="step2 needs exactly one of --label-encoder FILE"):
+    with pytest.raises(UserError, match="step2 needs exactly one of --label-encoder FILE .* or --teacher FILE"):
         runner.train(tiny_config(), "step2", {})
+    with pytest.raises(UserError, match="exactly one of"):
+        runner.train(tiny_config(), "step2", {"label_encoder": "h.pth", "teacher": "t.pth"})
+    with pytest.raises(UserError, match="step2_init_only needs --label-encoder FILE"):
+        runner.train(tiny_config(), "step2_init_only", {"teacher": "t.pth"})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["step2", "c.yaml"], ["step2", "c.yaml", "--label-encoder", "h.pth", "--teacher", "t.pth"],
+     ["step2-supervision-only", "c.yaml"], ["step2-init-only", "c.yaml", "--teacher", "t.pth"]],
+    ids=["step2-none", "step2-both", "supervision-only-none", "init-only-teacher"],
+)
+def test_cli_asks_for_exactly_the_stage_inputs(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """step2 takes --label-encoder or --teacher (exactly one); the Table-5 ablations take --label-encoder only."""
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2
+    assert "--label-encoder" in capsys.readouterr().err
 
 
 def _half_detection(cfg: Config, detector: nn.Module, class_names: list[str], inputs: Mapping[str, str]) -> Objective:

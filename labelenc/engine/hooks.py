@@ -44,13 +44,21 @@ class PeriodicCheckpoint(Hook):
     """A checkpoint every ``period`` iterations, at the end of training, and when a batch cannot be read (the state
     before that iteration, so that ``--resume`` after fixing the data loses no work)."""
 
-    def __init__(self, checkpointer: Checkpointer, period: int) -> None:
-        self.checkpointer, self.period = checkpointer, period
+    def __init__(self, checkpointer: Checkpointer, period: int, keep: int | None = None) -> None:
+        self.checkpointer, self.period, self.keep = checkpointer, period, keep
 
     def after_step(self, trainer: Trainer) -> None:
         done = trainer.iter + 1
         if done % self.period == 0 or done == trainer.max_iter:
-            self.checkpointer.save(f"checkpoint_{done:07d}", done)
+            saved = self.checkpointer.save(f"checkpoint_{done:07d}", done)
+            if self.keep is not None and is_main_process():
+                self._delete_old(saved)
+
+    def _delete_old(self, saved: Path) -> None:
+        """Delete all but the newest ``keep`` checkpoints (the one just written always stays)."""
+        older = sorted(p for p in saved.parent.glob("checkpoint_*.pth") if p.name < saved.name)
+        for path in older[: max(len(older) - (self.keep - 1), 0)]:
+            path.unlink(missing_ok=True)
 
     def after_train(self, trainer: Trainer) -> None:
         error = trainer.error

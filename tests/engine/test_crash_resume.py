@@ -50,7 +50,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(stage: str, synth_root:
     results = {}
     for name in ("killed", "uninterrupted"):
         raw = tiny_raw(synth_root, tmp_path / name)
-        raw["train"].update(base_iters=30, checkpoint_period=2)
+        raw["train"].update(base_iters=30, checkpoint_period=2, keep_checkpoints=2)  # 2: keeps the disk small
         config = _write_config(raw, tmp_path / f"{name}.yaml")
         if name == "killed":
             run_killed_then_resumed(_cli(stage, str(config), *extra), tmp_path / name, ENV)

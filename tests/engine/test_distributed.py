@@ -83,7 +83,7 @@ def test_two_process_kill_and_resume_equals_an_uninterrupted_run(synth_root: Pat
     finals = {}
     for name in ("uninterrupted", "killed"):
         raw = tiny_raw(synth_root, tmp_path / name, "faster_rcnn")
-        raw["train"].update(base_iters=8, batch_size=4, checkpoint_period=2)
+        raw["train"].update(base_iters=8, batch_size=4, checkpoint_period=2, keep_checkpoints=2)
         config = tmp_path / f"{name}.yaml"
         config.write_text(yaml.safe_dump(raw))
         command = _torchrun("-m", "labelenc.cli", "train", str(config))

@@ -201,6 +201,22 @@ def test_checkpointer_resume_restores_iteration_lr_optimizer_and_rng(tmp_path: P
     assert not all_equal(params_of(model), uninterrupted)
 
 
+def test_periodic_checkpoint_keeps_only_the_newest(tmp_path: Path) -> None:
+    """keep=2 leaves the two newest checkpoints (the pointer names the newest); older ones are deleted as it goes."""
+    model = Toy(noise=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    checkpointer = Checkpointer(model, optimizer, scheduler, tmp_path, {"stage": "toy"})
+    (tmp_path / "checkpoint_0000001.pth.broken").write_bytes(b"set aside earlier")
+    seen = Record(lambda t: sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")))
+    Trainer(model, optimizer, toy_batches(), 7, CPU, [PeriodicCheckpoint(checkpointer, 2, keep=2), seen]).train()
+    assert seen.seen[3] == ["checkpoint_0000002.pth", "checkpoint_0000004.pth"]
+    assert seen.seen[5] == ["checkpoint_0000004.pth", "checkpoint_0000006.pth"]
+    assert seen.seen[-1] == ["checkpoint_0000006.pth", "checkpoint_0000007.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0000007.pth"
+    assert (tmp_path / "checkpoint_0000001.pth.broken").exists()  # only periodic checkpoints are counted
+
+
 def test_loss_weights_hook_keeps_the_adaption_net_frozen_during_step1_warmup(tiny_config) -> None:
     """With L3's weight 0 in the warm-up, feature_distance is not computed and the adaption net is not updated."""
     cfg = tiny_config(train={"batch_size": 1})

@@ -1,0 +1,309 @@
+"""Experiments: a set of runs over seeds, reported as a table beside the paper's numbers.
+
+An :class:`Experiment` lists its runs (stage, schedule, config overrides, and which earlier run provides each input
+file), the rows and columns of its table, the paper's numbers, and the comparisons to judge with paired seed
+statistics. :func:`run_experiment` trains what is missing (a finished run of the same config is reused, an
+interrupted one resumes from its last checkpoint) and writes ``report.md``, ``report.json`` and ``report.png``.
+The pipeline (the paper's Table 1) and every ablation table (``labelenc ablate``) are experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from labelenc import __version__, runner
+from labelenc.config import Config, ConfigError, build_config, load_config
+from labelenc.data.loader import build_datasets
+from labelenc.engine.hooks import read_metrics
+from labelenc.errors import UserError
+from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
+from labelenc.models import FAMILIES
+from labelenc.stages import STAGES
+from labelenc.stats import mean_std, paired_difference
+
+logger = logging.getLogger(__name__)
+
+NOT_DETECTION = {"iteration", "loss", "lr", "time", "data_time", "feature_distance"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of an experiment, trained once per seed in ``seed<k>/<name>``."""
+
+    name: str
+    stage: str  # a key of STAGES
+    schedule: str = "1x"
+    overrides: Mapping[str, object] = field(default_factory=dict)  # dotted config keys, e.g. model.backbone
+    inputs: Mapping[str, str] = field(default_factory=dict)  # stage input name -> name of the run providing it
+    replaced_by: str | None = None  # an input given from outside that makes this run unnecessary
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column: ``metrics[iou_type][metric]`` of a run, in percent."""
+
+    label: str
+    iou_type: str = "bbox"
+    metric: str = "AP"
+
+
+BOX_COLUMNS = (Column("AP"), Column("AP50", metric="AP50"), Column("AP75", metric="AP75"))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A table row: the run it reports and the paper's value per column label (absent: the paper has none)."""
+
+    label: str
+    run: str
+    paper: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Runs, table shape, paper numbers and the comparisons judged by paired differences over seeds."""
+
+    title: str
+    runs: tuple[RunSpec, ...]
+    rows: tuple[Row, ...]
+    columns: tuple[Column, ...] = BOX_COLUMNS
+    compared_columns: int = 1  # paired differences on the first N columns
+    comparisons: tuple[tuple[str, str], ...] = ()  # (method row, reference row)
+    paper_source: str = ""  # which paper setting the paper column quotes
+    notes: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuse an experiment whose rows, comparisons or inputs name runs that do not exist."""
+        names = [r.name for r in self.runs]
+        rows = {r.label for r in self.rows}
+        problems = [f"unknown stage {r.stage!r}" for r in self.runs if r.stage not in STAGES]
+        problems += [f"row {r.label!r} names no run" for r in self.rows if r.run not in names]
+        problems += [f"comparison names row {x!r}" for pair in self.comparisons for x in pair if x not in rows]
+        for i, run in enumerate(self.runs):
+            problems += [f"{run.name} takes {key} from {src!r}, not an earlier run" for key, src in run.inputs.items()
+                         if src not in names[:i]]
+            problems += [f"{run.name} takes {key} from {src!r}, which is replaced by a given {self.runs[names.index(src)].replaced_by}"
+                         for key, src in run.inputs.items() if src in names[:i]
+                         and self.runs[names.index(src)].replaced_by not in (None, key)]
+        if problems:
+            raise ValueError(f"experiment {self.title!r}: " + "; ".join(problems))
+
+
+def run_config(cfg: Config, run: RunSpec, run_dir: Path, seed: int) -> Config:
+    """The config of one run: the experiment's config with the run's schedule, seed, overrides and directory."""
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(schedule=run.schedule, seed=seed)
+    raw["output_dir"] = str(run_dir)
+    for key, value in run.overrides.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return build_config(raw, source=f"run {run_dir}")
+
+
+def finished_summary(run_cfg: Config, inputs: Mapping[str, str]) -> dict | None:
+    """The summary of a finished run with this exact config, or None; a damaged run folder, or a finished run of
+    the same config trained from other input files, is an error naming it."""
+    summary = Path(run_cfg.output_dir) / runner.SUMMARY
+    config = Path(run_cfg.output_dir) / "config.yaml"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    try:
+        same = load_config(config) == run_cfg  # keys added to the schema since then take their defaults
+        result = json.loads(summary.read_text())
+    except (OSError, UnicodeDecodeError, ConfigError, json.JSONDecodeError) as err:
+        raise UserError(f"{run_cfg.output_dir} holds a damaged run ({type(err).__name__} reading its config.yaml or "
+                        f"{runner.SUMMARY}); move it away or pass --overwrite") from None
+    if not (same and isinstance(result, dict) and "metrics" in result):
+        return None
+    recorded, wanted = result.get("inputs"), runner.input_record(inputs)
+    if recorded is not None and recorded != wanted:  # summaries written before inputs were recorded: trusted
+        raise UserError(f"{run_cfg.output_dir} holds a finished run trained from {recorded}, not {wanted}; give "
+                        "another output_dir or pass --overwrite")
+    return result
+
+
+def check_given_files(cfg: Config, runs: list[RunSpec], given: Mapping[str, str]) -> None:
+    """Refuse a given input file (``--teacher``, ``--label-encoder``) that does not fit, before anything trains."""
+    if not given:
+        return
+    train_set, _ = build_datasets(cfg, with_masks=FAMILIES[cfg.model.family].with_masks)
+    for key, path in given.items():
+        for run in runs:
+            run_input = next((i for i in STAGES[run.stage].inputs if i.name == key and key in run.inputs), None)
+            if run_input is not None:
+                run_input.read(cfg, train_set.class_names, path)
+                break
+
+
+def _input_file(source: RunSpec, key: str, run_dir: Path) -> str:
+    """The file a run provides as input ``key``: what its stage declares for it, else its detector weights."""
+    return str(run_dir / STAGES[source.stage].outputs.get(key, runner.FINAL_WEIGHTS))
+
+
+def planned_runs(experiment: Experiment, given: Mapping[str, str]) -> list[RunSpec]:
+    """The runs to train: all but those whose output is given from outside."""
+    return [r for r in experiment.runs if r.replaced_by is None or r.replaced_by not in given]
+
+
+def run_experiment(
+    cfg: Config, experiment: Experiment, seeds: list[int], given: Mapping[str, str] | None = None,
+    overwrite: bool = False, report_name: str = "report",
+) -> dict:
+    """Train (or reuse) every run for every seed, then write ``<report_name>.md``, ``.json`` and ``.png``.
+
+    Runs live in ``output_dir/seed<k>/<run name>``: experiments of one config share the runs they have in common.
+    """
+    experiment.check()
+    given = dict(given or {})
+    root = Path(cfg.output_dir)
+    runs, specs = planned_runs(experiment, given), {r.name: r for r in experiment.runs}
+    configs = {(run.name, seed): run_config(cfg, run, root / f"seed{seed}" / run.name, seed)
+               for seed in seeds for run in runs}  # every config is checked before anything trains
+    check_given_files(cfg, runs, given)
+    results: dict[str, list[dict]] = {run.name: [] for run in runs}
+    for seed in seeds:
+        for run in runs:
+            run_cfg = configs[run.name, seed]
+            inputs = {key: given.get(key) or _input_file(specs[src], key, Path(configs[src, seed].output_dir))
+                      for key, src in run.inputs.items()}
+            summary = None if overwrite else finished_summary(run_cfg, inputs)
+            if summary is None:  # an interrupted run of this config continues from its last checkpoint
+                result = runner.train(run_cfg, run.stage, inputs, resume=not overwrite, overwrite=overwrite)
+                summary = json.loads((result.output_dir / runner.SUMMARY).read_text())
+            else:
+                logger.info("reusing finished run %s", run_cfg.output_dir)
+            results[run.name].append({**summary, "seed": seed, "run_dir": str(run_cfg.output_dir)})
+    report = build_report(cfg, experiment, seeds, results)
+    write_json_atomic(root / f"{report_name}.json", report)
+    write_text_atomic(root / f"{report_name}.md", report["markdown"])
+    plot_report(experiment, report, root / f"{report_name}.png")
+    print(report["markdown"])
+    return report
+
+
+def _values(runs: list[dict], column: Column) -> list[float | None]:
+    """Per-seed values of a column in percent (None where the run evaluated nothing)."""
+    values = []
+    for run in runs:
+        value = run["metrics"].get(column.iou_type, {}).get(column.metric)
+        values.append(None if value is None else 100 * value)
+    return values
+
+
+def _fmt(mean: float | None, std: float | None, seeds: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1f}"
+
+
+def machine_description() -> str:
+    device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    return f"{platform.node() or 'unknown'} ({platform.machine()}, {torch.get_num_threads()} threads, {device})"
+
+
+def build_report(cfg: Config, experiment: Experiment, seeds: list[int], results: dict[str, list[dict]]) -> dict:
+    """Rows (mean ± std per column, iterations, wall time), paired comparisons, and the markdown table."""
+    rows: dict[str, dict] = {}
+    for row in experiment.rows:
+        runs = results.get(row.run)
+        if not runs:
+            continue  # its run was replaced by a given input
+        stats = {c.label: mean_std(_values(runs, c)) for c in experiment.columns}
+        stats["wall_time_s"] = mean_std([r["wall_time"] for r in runs])
+        rows[row.label] = {**stats, "iterations": runs[0]["iterations"], "run": row.run,
+                           "paper": dict(row.paper), "per_seed": {c.label: _values(runs, c)
+                                                                  for c in experiment.columns}}
+    comparisons = []
+    for method, reference in experiment.comparisons:
+        if method not in rows or reference not in rows:
+            continue
+        for column in experiment.columns[: experiment.compared_columns]:
+            a, b = rows[method]["per_seed"][column.label], rows[reference]["per_seed"][column.label]
+            if any(v is None for v in a + b):
+                continue
+            comparisons.append({"column": column.label, **paired_difference(method, a, reference, b).to_dict()})
+    paper_columns = [c for c in experiment.columns if any(c.label in r.paper for r in experiment.rows)]
+    lines = [
+        "| run | iterations | " + " | ".join(c.label for c in experiment.columns)
+        + "".join(f" | paper {c.label}" for c in paper_columns) + " | wall time (s) |",
+        "|---|---|" + "---|" * (len(experiment.columns) + len(paper_columns)) + "---|",
+    ]
+    for label, s in rows.items():
+        cells = [_fmt(*s[c.label], len(seeds)) for c in experiment.columns]
+        cells += [f"{s['paper'][c.label]:.1f}" if c.label in s["paper"] else "–" for c in paper_columns]
+        lines.append(f"| {label} | {s['iterations']} | " + " | ".join(cells)
+                     + f" | {_fmt(*s['wall_time_s'], len(seeds))} |")
+    if comparisons:
+        lines += ["", "Paired differences over seeds (same seed, same data order), mean with 95% t-interval:", "",
+                  "| comparison | metric | per seed | mean | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+        for c in comparisons:
+            interval = "–" if c["low"] is None else f"[{c['low']:+.1f}, {c['high']:+.1f}]"
+            per_seed = ", ".join(f"{d:+.1f}" for d in c["differences"])
+            lines.append(f"| {c['method']} − {c['reference']} | {c['column']} | {per_seed} | {_signed(c['mean'])} | "
+                         f"{interval} | {c['verdict']} |")
+    header = (
+        f"## {experiment.title}\n\n"
+        f"Config: {cfg.model.family} {cfg.model.backbone}, FPN {cfg.model.fpn_channels}, 1x = "
+        f"{cfg.train.base_iters} iterations of batch {cfg.train.batch_size}, seeds {seeds}; COCO metrics on the "
+        f"val split, {'mean ± std over seeds' if len(seeds) > 1 else 'one seed'}.\n"
+        + (f"Paper column: {experiment.paper_source}; it is at the paper's scale, so compare gaps, not levels.\n"
+           if paper_columns else "")
+        + f"Machine: {machine_description()}; torch {torch.__version__}; labelenc {__version__}; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n\n"
+    )
+    notes = "".join(f"\n{note}\n" for note in experiment.notes)
+    return {"title": experiment.title, "rows": rows, "comparisons": comparisons, "seeds": seeds, "runs": results,
+            "markdown": header + "\n".join(lines) + "\n" + notes}
+
+
+def _detection_loss(record: dict) -> float:
+    return sum(v for k, v in record.items() if k not in NOT_DETECTION and not k.startswith("reconstruction_"))
+
+
+def plot_report(experiment: Experiment, report: dict, path: Path) -> None:
+    """Loss curves of every run (one colour per row, one line per seed) and the first column's bars with each
+    seed's value as a point beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    column = experiment.columns[0]
+    colours = plt.get_cmap("tab10").colors
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, (label, row) in enumerate(report["rows"].items()):
+        colour = colours[i % len(colours)]
+        for j, run in enumerate(report["runs"][row["run"]]):
+            records = read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
+            curves.plot([r["iteration"] for r in records], [_detection_loss(r) for r in records], color=colour,
+                        alpha=1.0 if j == 0 else 0.35, label=label if j == 0 else None)
+        mean, std = row[column.label]
+        bars.bar(i, mean or 0.0, yerr=std or 0.0, capsize=4, color=colour, alpha=0.6)
+        seeds = [v for v in row["per_seed"][column.label] if v is not None]
+        bars.plot([i + 0.25] * len(seeds), seeds, "o", color="black", markersize=4)
+        bars.text(i, (mean or 0.0) + (std or 0.0), "n/a" if mean is None else f"{mean:.1f}", ha="center",
+                  va="bottom")
+    curves.set(xlabel="iteration", ylabel="detection loss (detector's own terms)",
+               title="training loss, every run (faint: further seeds)")
+    curves.legend(fontsize=8)
+    bars.set_xticks(range(len(report["rows"])), list(report["rows"]), rotation=20, ha="right", fontsize=8)
+    bars.set(ylabel=f"{column.label} (val, %)", title=f"{column.label}: mean ± std, points: seeds")
+    fig.suptitle(experiment.title, fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
