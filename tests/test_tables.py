@@ -163,3 +163,12 @@ def test_a_given_teacher_that_does_not_fit_is_refused_before_anything_trains(
     assert cli.main(["ablate", str(config), "--table", "6", "--teacher", str(label_encoder)]) == 2
     assert "label-encoder" in capsys.readouterr().err.lower()
     assert not (tmp_path / "runs").exists()
+
+
+def test_fcos_table4_quotes_one_fcos_version(synth_root: Path, tmp_path: Path) -> None:
+    """The paper's step1-only FCOS number is for its plain FCOS: Table 4 quotes that FCOS's baseline and LabelEnc."""
+    raw = tiny_raw(synth_root, tmp_path, "fcos")
+    experiment = TABLES[4](build_config(raw), None)
+    assert [row.paper for row in experiment.rows] == [{"AP": 36.7}, {"AP": 38.0}, {"AP": 38.9}]
+    assert "plain FCOS" in experiment.paper_source
+    assert table1(build_config(raw)).rows[0].paper == {"AP": 38.7}  # Table 1: torchvision's is the improved FCOS
