@@ -88,11 +88,12 @@ class Experiment:
         problems += [f"row {r.label!r} names no run" for r in self.rows if r.run not in names]
         problems += [f"comparison names row {x!r}" for pair in self.comparisons for x in pair if x not in rows]
         for i, run in enumerate(self.runs):
-            problems += [f"{run.name} takes {key} from {src!r}, not an earlier run" for key, src in run.inputs.items()
-                         if src not in names[:i]]
-            problems += [f"{run.name} takes {key} from {src!r}, which is replaced by a given {self.runs[names.index(src)].replaced_by}"
-                         for key, src in run.inputs.items() if src in names[:i]
-                         and self.runs[names.index(src)].replaced_by not in (None, key)]
+            for key, src in run.inputs.items():
+                if src not in names[:i]:
+                    problems.append(f"{run.name} takes {key} from {src!r}, not an earlier run")
+                elif self.runs[names.index(src)].replaced_by not in (None, key):
+                    problems.append(f"{run.name} takes {key} from {src!r}, which a given "
+                                    f"{self.runs[names.index(src)].replaced_by} replaces")
         if problems:
             raise ValueError(f"experiment {self.title!r}: " + "; ".join(problems))
 
