@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labelenc.encoder import H_INITS
+from labelenc.engine.optim import OPTIMIZERS
 from labelenc.errors import UserError
 from labelenc.fileio import write_text_atomic
 from labelenc.models.backbones import BACKBONES
@@ -141,7 +142,10 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Images per iteration over all processes.")
     base_lr: float = Field(0.01, gt=0, description="Learning rate for reference_batch_size images.")
     reference_batch_size: int = Field(16, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal[tuple(OPTIMIZERS)] = Field(
+        "sgd", description="sgd (the paper's) or adamw (momentum does not apply; use a weight decay such as 0.05).",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0)
     bias_lr_factor: float = Field(1.0, gt=0, description="LR multiplier of bias parameters (the authors' recipe: 2).")
     bias_weight_decay: float | None = Field(

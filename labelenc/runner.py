@@ -33,6 +33,7 @@ from labelenc.engine.distributed import (
     local_device,
 )
 from labelenc.engine.hooks import LossWeights, LRScheduler, MetricsWriter, PeriodicCheckpoint, ProgressBar
+from labelenc.engine.optim import OPTIMIZERS
 from labelenc.engine.schedule import WarmupMultiStep, scaled_lr
 from labelenc.engine.trainer import Hook, Trainer, build_grad_scaler, move_to_device
 from labelenc.errors import UserError
@@ -200,7 +201,8 @@ def num_classes_of(cfg: Config, train_set: CocoDetection) -> int:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters, at the LR scaled linearly from the reference batch to ``train.batch_size``."""
+    """``train.optimizer`` over the trainable parameters, at the LR scaled linearly from the reference batch to
+    ``train.batch_size``."""
     lr = scaled_lr(cfg.train.base_lr, cfg.train.reference_batch_size, cfg.train.batch_size)
     logger.info("global batch %d on %d process(es), lr %.5g (base %.5g for batch %d)", cfg.train.batch_size,
                 get_world_size(), lr, cfg.train.base_lr, cfg.train.reference_batch_size)
@@ -213,7 +215,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         groups = [{"params": [p for name, p in params if not name.endswith(".bias")]},
                   {"params": biases, "lr": bias_lr,
                    "weight_decay": cfg.train.weight_decay if bias_decay is None else bias_decay}]
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    return OPTIMIZERS[cfg.train.optimizer](groups, lr, cfg.train.momentum, cfg.train.weight_decay)
 
 
 def build_lr_scheduler(

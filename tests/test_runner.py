@@ -216,3 +216,16 @@ def test_bias_lr_factor_and_weight_decay_make_a_bias_group(tiny_config) -> None:
         scheduler.step()
     default = runner.build_optimizer(tiny_config(), model)
     assert len(default.param_groups) == 1
+
+
+def test_adamw_takes_the_scaled_lr_weight_decay_and_bias_group(tiny_config) -> None:
+    """train.optimizer=adamw builds torch's AdamW with the same LR scaling, decay and bias group as SGD."""
+    cfg = tiny_config(train={"optimizer": "adamw", "base_lr": 0.004, "reference_batch_size": 16, "batch_size": 4,
+                             "weight_decay": 0.05, "bias_weight_decay": 0.0})
+    model = build_detector(cfg.model, 3)
+    optimizer = runner.build_optimizer(cfg, model)
+    assert type(optimizer) is torch.optim.AdamW
+    plain, biases = optimizer.param_groups
+    assert plain["lr"] == biases["lr"] == pytest.approx(0.001)
+    assert (plain["weight_decay"], biases["weight_decay"]) == (0.05, 0.0)
+    assert type(runner.build_optimizer(tiny_config(), model)) is torch.optim.SGD
