@@ -16,7 +16,7 @@ def _sgd(groups: Groups, lr: float, momentum: float, weight_decay: float) -> tor
 
 def _adamw(groups: Groups, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, torch's default betas; ``momentum`` does not apply): much faster than SGD for
-    a detector trained from random init for a few hundred iterations, as the CPU demo is."""
+    a detector trained from random init for a few hundred iterations."""
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
