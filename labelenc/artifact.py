@@ -21,8 +21,9 @@ class IncompatibleLabelEncoder(UserError, ValueError):
 
 
 # Metadata keys added since the first artifacts, with the value that those artifacts were built with.
-_META_DEFAULTS = {"p6_from": "p5", "h_init": "kaiming_normal"}
-_COMPATIBLE_KEYS = ("family", "class_names", "returned_layers", "fpn_channels", "p6_from")
+_META_DEFAULTS = {"p6_from": lambda meta: "p5", "h_init": lambda meta: "kaiming_normal",
+                  "head_norm": lambda meta: FAMILIES[meta["family"]].head_norms[0]}
+_COMPATIBLE_KEYS = ("family", "class_names", "returned_layers", "fpn_channels", "p6_from", "head_norm")
 
 
 def encoder_metadata(
@@ -33,12 +34,15 @@ def encoder_metadata(
     backbone: str | None,
     *,
     p6_from: str = "p5",
+    head_norm: str | None = None,
     h_init: str = "kaiming_normal",
 ) -> dict:
     """What a Step-2 detector must share with the Step-1 run, and how h was built.
 
     ``backbone`` is informative (it may differ in Step 2; None: Step 1 had none); ``p6_from`` is ``model.p6_from`` (h's FPN takes P6
-    from the same level as the detector's); ``h_init`` is ``labelenc.h_init``, how Step 1 initialised h.
+    from the same level as the detector's); ``head_norm`` is the head's normalisation as built (None: the
+    family's default), so that the Step-1 head loads into the Step-2 detector; ``h_init`` is ``labelenc.h_init``,
+    how Step 1 initialised h.
     """
     return {
         "family": family,
@@ -47,6 +51,7 @@ def encoder_metadata(
         "returned_layers": list(FAMILIES[family].returned_layers),
         "fpn_channels": fpn_channels,
         "p6_from": p6_from,
+        "head_norm": head_norm if head_norm is not None else FAMILIES[family].head_norms[0],
         "encoder_width": width,
         "h_init": h_init,
         "step1_backbone": backbone,
@@ -55,7 +60,7 @@ def encoder_metadata(
 
 def _meta(meta: dict, key: str) -> Any:
     """``meta[key]``, or for a key that an older artifact lacks, the value it was built with."""
-    return meta.get(key, _META_DEFAULTS.get(key))
+    return meta[key] if key in meta else _META_DEFAULTS[key](meta)
 
 
 def save_label_encoder(path: str | Path, encoder: LabelEncoder, detector: nn.Module, meta: dict, config: dict) -> None:

@@ -14,7 +14,7 @@ from labelenc.engine.optim import OPTIMIZERS
 from labelenc.errors import UserError
 from labelenc.fileio import write_text_atomic
 from labelenc.models.backbones import BACKBONES
-from labelenc.models.detectors import FAMILIES
+from labelenc.models.detectors import FAMILIES, HEAD_NORMS
 
 
 class ConfigError(UserError, ValueError):
@@ -53,6 +53,15 @@ class ModelConfig(_Strict):
         "p5",
         description="RetinaNet / FCOS: the input of the extra P6 level (P7 follows from P6); p5: torchvision's "
         "choice, c5: the authors' (their USE_C5). The label encoder h follows the detector.",
+    )
+    head_norm: Literal[HEAD_NORMS] | None = Field(
+        None,
+        description="Normalisation in the detection head's convolution tower: 'group' puts GroupNorm(32) after each "
+        "3x3 convolution (as torchvision's retinanet_resnet50_fpn_v2 head and FCOS's head; model.fpn_channels must "
+        "then be a multiple of 32), 'none' keeps plain convolutions (torchvision's RetinaNet head). None: the "
+        "family's torchvision default (RetinaNet none, FCOS group, Faster/Mask R-CNN none). RetinaNet takes either; "
+        "FCOS only group; Faster/Mask R-CNN only none (their RPN and RoI heads are not changed). Only the head's "
+        "normalisation: v2's GIoU box loss is not applied, and its P6 from C5 is model.p6_from.",
     )
     min_size: int = Field(800, ge=32, description="Short side after the detector's resize.")
     max_size: int = Field(1333, ge=32, description="Long-side limit after the detector's resize.")

@@ -118,7 +118,7 @@ def _encoder_meta(cfg: Config, class_names: list[str], image_backbone: bool = Tr
     """What h fits and how it is built; a Step 1 without an image backbone records none."""
     return encoder_metadata(cfg.model.family, class_names, cfg.model.fpn_channels, cfg.labelenc.encoder_width,
                             cfg.model.backbone if image_backbone else None, p6_from=cfg.model.p6_from,
-                            h_init=cfg.labelenc.h_init)
+                            head_norm=cfg.model.head_norm, h_init=cfg.labelenc.h_init)
 
 
 # ------------------------------------------------------------------------------------------------ input files

@@ -160,6 +160,24 @@ def test_check_compatible_names_every_difference(changes: dict, named: list[str]
             assert line is None, f"{key} wrongly named in: {message}"
 
 
+def test_check_compatible_refuses_other_head_norm_and_reads_old_artifacts_as_the_default() -> None:
+    """A Step-1 GroupNorm head does not load into a plain RetinaNet head: refused before training, naming
+    head_norm; an artifact written before the key existed holds its family's torchvision head."""
+    group = encoder_metadata("retinanet", CLASS_NAMES, 32, 0.0625, "resnet18", head_norm="group")
+    plain = encoder_metadata("retinanet", CLASS_NAMES, 32, 0.0625, "resnet18")
+    assert (group["head_norm"], plain["head_norm"]) == ("group", "none")
+    with pytest.raises(IncompatibleLabelEncoder, match="head_norm: label encoder has 'group', this run has 'none'"):
+        check_compatible(group, plain, "h.pth")
+    for family, head_norm in (("retinanet", None), ("fcos", "group")):
+        old = encoder_metadata(family, CLASS_NAMES, 32, 0.0625, "resnet18")
+        del old["head_norm"]
+        run = encoder_metadata(family, CLASS_NAMES, 32, 0.0625, "resnet18", head_norm=head_norm)
+        check_compatible(old, run, "old.pth")
+    old_retinanet = {k: v for k, v in plain.items() if k != "head_norm"}
+    with pytest.raises(IncompatibleLabelEncoder, match="head_norm: label encoder has 'none'"):
+        check_compatible(old_retinanet, group, "old.pth")
+
+
 # ------------------------------------------------------------------------------------------- Step-2 init
 
 

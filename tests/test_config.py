@@ -209,3 +209,24 @@ def test_assignment_is_validated(config_file: Path) -> None:
     cfg = load_config(config_file)
     with pytest.raises(ValueError):
         cfg.model.family = "yolo"
+
+
+def test_head_norm_defaults_to_the_familys_head(config_file: Path, tmp_path: Path) -> None:
+    """model.head_norm is unset by default (a config or an old run's config.yaml without it resolves the same);
+    group / none round-trip; a value the family cannot build or a group head on 16 channels is a ConfigError."""
+    assert load_config(config_file).model.head_norm is None
+    for family in ("retinanet", "fcos", "faster_rcnn", "mask_rcnn"):
+        assert load_config(config_file, [f"model.family={family}"]).model.head_norm is None
+    cfg = load_config(config_file, ["model.head_norm=group", "model.fpn_channels=64"])
+    assert cfg.model.head_norm == "group"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert load_config(config_file, ["model.head_norm=none"]).model.head_norm == "none"
+    with pytest.raises(ConfigError, match="head_norm"):
+        load_config(config_file, ["model.head_norm=batch"])
+    with pytest.raises(ConfigError, match="model.head_norm='none' does not apply to fcos"):
+        load_config(config_file, ["model.family=fcos", "model.head_norm=none"])
+    with pytest.raises(ConfigError, match="model.head_norm='group' does not apply to faster_rcnn"):
+        load_config(config_file, ["model.family=faster_rcnn", "model.head_norm=group"])
+    with pytest.raises(ConfigError, match="fpn_channels must be a multiple of 32 for retinanet"):
+        load_config(config_file, ["model.head_norm=group", "model.fpn_channels=16"])

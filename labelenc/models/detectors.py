@@ -2,8 +2,8 @@
 
 An adapter (:class:`DetectorFamily`) owns everything that differs between families: the head modules, how the
 family's own losses are computed on any feature dict (:meth:`~DetectorFamily.head_losses`), the pyramid levels,
-the FPN extra block and the anchor settings. Adding a family is one new registered adapter; nothing else in the
-package asks which family a detector is.
+the FPN extra block, the anchor settings and the head normalisations it can build (``model.head_norm``). Adding
+a family is one new registered adapter; nothing else in the package asks which family a detector is.
 
 Every family keeps torchvision's conventions: labels 1..C with 0 reserved for background, so the model is built
 with ``num_classes = C + 1`` (as torchvision's own COCO detectors); training returns a loss dict, evaluation a list
@@ -13,12 +13,14 @@ of ``{"boxes", "scores", "labels"[, "masks"]}`` per image in input-image coordin
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from labelenc.models.backbones import build_backbone
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 Features = OrderedDict[str, Tensor]
 FAMILIES: dict[str, DetectorFamily] = {}
+HEAD_NORMS = ("none", "group")  # model.head_norm: plain convolutions, or GroupNorm(GROUP_NORM_GROUPS) after each
+GROUP_NORM_GROUPS = 32  # torchvision's GroupNorm heads (FCOS, retinanet_resnet50_fpn_v2) use GroupNorm(32, channels)
 
 
 def register_family(family: type[DetectorFamily]) -> type[DetectorFamily]:
@@ -45,7 +49,7 @@ class DetectorFamily:
     head_modules: tuple[str, ...]  # attribute names of the detection head(s): what Step 1 hands to Step 2
     with_masks: bool = False
     num_levels: int = 5  # pyramid levels the head sees: P3-P7 (one-stage) or P2-P6 (R-CNN)
-    fpn_channels_multiple: int = 1  # the FPN width must be a multiple of this (GroupNorm heads)
+    head_norms: tuple[str, ...] = ("none",)  # model.head_norm values it can build; the first is torchvision's default
     anchor_generator_arg: str | None = "anchor_generator"  # None: the family takes no anchor sizes
     detections_arg: str = "detections_per_img"
     p6_sources: tuple[str, ...] = ("p5",)  # what the FPN's P6 may be computed from (model.p6_from)
@@ -62,17 +66,41 @@ class DetectorFamily:
         """Anchor sizes of one level from its base size (one scale by default)."""
         return (size,)
 
+    def head_norm(self, cfg: ModelConfig) -> str:
+        """The head normalisation that ``cfg`` builds: ``model.head_norm``, or torchvision's default when unset."""
+        return cfg.head_norm if cfg.head_norm is not None else self.head_norms[0]
+
+    def fpn_channels_multiple(self, cfg: ModelConfig) -> int:
+        """The FPN width must be a multiple of this: the group count of a GroupNorm head, otherwise 1."""
+        return GROUP_NORM_GROUPS if self.head_norm(cfg) == "group" else 1
+
+    def build_head(
+        self, cfg: ModelConfig, channels: int, num_classes: int, anchor_generator: AnchorGenerator | None
+    ) -> nn.Module | None:
+        """The head module to pass to the detector, or None for the one torchvision builds by default.
+
+        ``num_classes`` includes the background; ``anchor_generator`` is the one passed to the detector (None:
+        torchvision's default). A family that lists more than its default in :attr:`head_norms` overrides this.
+        """
+        if self.head_norm(cfg) != self.head_norms[0]:
+            raise NotImplementedError(f"{self.name} cannot build model.head_norm={cfg.head_norm!r}")
+        return None
+
     def config_errors(self, cfg: ModelConfig) -> list[str]:
         """What in a model config this family cannot build with, one message per problem."""
         errors = []
+        if cfg.head_norm is not None and cfg.head_norm not in self.head_norms:
+            errors.append(f"model.head_norm={cfg.head_norm!r} does not apply to {self.name} (allowed: "
+                          f"{', '.join(self.head_norms)}; unset means {self.head_norms[0]!r}, torchvision's head)")
         if cfg.anchor_sizes is not None and self.anchor_generator_arg is None:
             errors.append(f"model.anchor_sizes does not apply to {self.name} (its points follow the FPN strides)")
         elif cfg.anchor_sizes is not None and len(cfg.anchor_sizes) != self.num_levels:
             errors.append(f"model.anchor_sizes needs {self.num_levels} sizes (one per pyramid level), "
                           f"got {len(cfg.anchor_sizes)}")
-        if cfg.fpn_channels % self.fpn_channels_multiple:
-            errors.append(f"model.fpn_channels must be a multiple of {self.fpn_channels_multiple} for {self.name} "
-                          f"(its head uses GroupNorm({self.fpn_channels_multiple}))")
+        multiple = self.fpn_channels_multiple(cfg)
+        if cfg.fpn_channels % multiple:
+            errors.append(f"model.fpn_channels must be a multiple of {multiple} for {self.name} with head_norm "
+                          f"{self.head_norm(cfg)!r} (its head uses GroupNorm({multiple}))")
         if cfg.p6_from not in self.p6_sources:
             errors.append(f"model.p6_from={cfg.p6_from!r} does not apply to {self.name} (allowed: "
                           f"{', '.join(self.p6_sources)})")
@@ -80,17 +108,21 @@ class DetectorFamily:
 
     def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
         """The torchvision detector for ``num_classes`` object classes (background excluded)."""
+        errors = self.config_errors(cfg)  # a validated ModelConfig has none; a model_copy(update=...) is not checked
+        if errors:
+            raise ValueError("; ".join(errors))
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.trainable_layers,
                                   list(self.returned_layers), cfg.fpn_channels, self.extra_blocks, cfg.download,
                                   cfg.frozen_bn, cfg.p6_from)
         kwargs: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size,
                                   self.detections_arg: cfg.detections_per_image}
         if cfg.anchor_sizes is not None:
-            errors = self.config_errors(cfg)
-            if errors:
-                raise ValueError("; ".join(errors))
             sizes = tuple(self.anchor_scales(s) for s in cfg.anchor_sizes)
             kwargs[self.anchor_generator_arg] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * self.num_levels)
+        anchor_generator = kwargs.get(self.anchor_generator_arg) if self.anchor_generator_arg else None
+        head = self.build_head(cfg, backbone.out_channels, num_classes + 1, anchor_generator)
+        if head is not None:  # built after the backbone, as the detector builds its default head: the same RNG order
+            kwargs["head"] = head
         return self.detector(backbone, num_classes=num_classes + 1, **kwargs)
 
     def head_losses(
@@ -122,6 +154,15 @@ class _OneStage(DetectorFamily):
 @register_family
 class RetinaNetFamily(_OneStage):
     name, detector = "retinanet", RetinaNet
+    head_norms = ("none", "group")  # torchvision's RetinaNet head, or retinanet_resnet50_fpn_v2's GroupNorm head
+
+    def build_head(self, cfg, channels, num_classes, anchor_generator):
+        if self.head_norm(cfg) == "none":
+            return None
+        # As retinanet_resnet50_fpn_v2 builds its head (its GIoU box loss and P6 from C5 are not part of this option).
+        anchors = anchor_generator if anchor_generator is not None else _default_anchorgen()
+        return RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, GROUP_NORM_GROUPS))
 
     def anchor_scales(self, size: int) -> tuple[int, ...]:  # torchvision's default: 3 octave scales per level
         return (size, int(size * 2 ** (1 / 3)), int(size * 2 ** (2 / 3)))
@@ -134,7 +175,7 @@ class RetinaNetFamily(_OneStage):
 @register_family
 class FCOSFamily(_OneStage):
     name, detector = "fcos", FCOS
-    fpn_channels_multiple = 32
+    head_norms = ("group",)  # torchvision's FCOS head always has GroupNorm(32)
     anchor_generator_arg = None
 
     def head_losses(self, model, images, features, targets):
@@ -145,6 +186,7 @@ class FCOSFamily(_OneStage):
 @register_family
 class FasterRCNNFamily(DetectorFamily):
     name, detector = "faster_rcnn", FasterRCNN
+    head_norms = ("none",)  # torchvision's RPN and RoI heads have no normalisation; model.head_norm cannot change them
     returned_layers = (1, 2, 3, 4)
     head_modules = ("rpn", "roi_heads")
     anchor_generator_arg = "rpn_anchor_generator"

@@ -230,3 +230,132 @@ def test_frozen_bn_forces_the_backbone_norm(frozen_bn: bool | None, pretrained: 
     assert norms and all(type(m) is norm for m in norms)
     assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"]) == pretrained
     assert not body.conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+
+
+# ------------------------------------------------------------------------------------- model.head_norm
+
+
+def _group_norms(module: nn.Module) -> list[nn.GroupNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+GN_HEAD = {"head_norm": "group", "fpn_channels": 32}  # GroupNorm(32) needs a multiple of 32 channels
+
+
+@pytest.mark.parametrize("anchor_sizes", [[8, 16, 32, 64, 128], None], ids=["configured-anchors", "default-anchors"])
+def test_retinanet_group_head_is_torchvisions_v2_head(tiny_config, anchor_sizes: list[int] | None) -> None:
+    """head_norm=group builds RetinaNetHead(..., norm_layer=partial(GroupNorm, 32)) as retinanet_resnet50_fpn_v2:
+    GroupNorm(32, C) after each of the 4 tower convolutions of both branches, bias-free convolutions, 9 anchors."""
+    from functools import partial
+
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(model={**GN_HEAD, "anchor_sizes": anchor_sizes}).model, NUM_CLASSES)
+    norms = _group_norms(model.head)
+    assert len(norms) == 8 and all(m.num_groups == 32 and m.num_channels == 32 for m in norms)
+    assert len(_group_norms(model.head.classification_head.conv)) == len(_group_norms(model.head.regression_head.conv))
+    v2 = RetinaNetHead(32, 9, NUM_CLASSES + 1, norm_layer=partial(nn.GroupNorm, 32))
+    assert {k: v.shape for k, v in model.head.state_dict().items()} == {k: v.shape for k, v in v2.state_dict().items()}
+    assert not _group_norms(model.backbone)  # only the head changes
+
+
+def test_retinanet_default_head_is_unchanged(tiny_config) -> None:
+    """Unset and head_norm=none build torchvision's plain RetinaNet head, bit for bit the same weights."""
+    states = []
+    for norm in (None, "none"):
+        torch.manual_seed(0)
+        model = build_detector(tiny_config(model={"head_norm": norm}).model, NUM_CLASSES)
+        assert not _group_norms(model)
+        assert model.head.classification_head.conv[0][0].bias is not None  # torchvision's v1 head: conv with bias
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("family, norm", [("fcos", None), ("fcos", "group"), ("faster_rcnn", "none"),
+                                          ("mask_rcnn", None)])
+def test_head_norm_the_family_already_has_changes_nothing(family: str, norm: str | None, tiny_config) -> None:
+    """FCOS's torchvision head is GroupNorm(32) with or without head_norm=group; R-CNN heads have no norm."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(family, model={"head_norm": norm}).model, NUM_CLASSES)
+    heads = [getattr(model, name) for name in FAMILIES[family].head_modules]
+    norms = [m for head in heads for m in _group_norms(head)]
+    if family == "fcos":
+        assert len(norms) == 8 and all(m.num_groups == 32 for m in norms)
+    else:
+        assert not norms
+
+
+def test_retinanet_group_head_trains_and_detects(tiny_config, batch) -> None:
+    """With the GroupNorm head RetinaNet still returns its loss dict in training and per-image detections in eval."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(model=GN_HEAD).model, NUM_CLASSES).train()
+    losses = model(*batch)
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch[0])
+    assert isinstance(outputs, list) and len(outputs) == 2
+    for out in outputs:
+        assert set(out) >= {"boxes", "scores", "labels"}
+        assert ((out["labels"] >= 1) & (out["labels"] <= NUM_CLASSES)).all()
+
+
+def test_retinanet_group_head_learns_through_h(tiny_config, batch) -> None:
+    """Step 1 shares the GroupNorm head between f(I) and h(y): head_losses on either gives finite losses whose
+    gradients reach the GroupNorm parameters (and h's)."""
+    from labelenc.artifact import build_label_encoder, encoder_metadata
+    from labelenc.method import Step1
+
+    torch.manual_seed(0)
+    cfg = tiny_config(model=GN_HEAD).model
+    model = build_detector(cfg, NUM_CLASSES).train()
+    image_list, targets = model.transform(*batch)
+    got = head_losses(model, image_list, model.backbone(image_list.tensors), targets)
+    assert set(got) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in got.values())
+    norms = _group_norms(model.head)
+    weights = [p for m in norms for p in (m.weight, m.bias)]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(sum(got.values()), weights))
+
+    encoder = build_label_encoder(encoder_metadata("retinanet", ["a", "b", "c"], cfg.fpn_channels, 0.0625, None))
+    step1 = Step1(model, encoder, box_jitter=False).train()
+    losses = step1(*batch)
+    recon = [v for k, v in losses.items() if k.startswith("reconstruction_")]
+    assert len(recon) == 2 and all(torch.isfinite(v) for v in losses.values())
+    step1.zero_grad(set_to_none=True)
+    sum(recon).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("family, norm, allowed", [
+    ("fcos", "none", "allowed: group"), ("faster_rcnn", "group", "allowed: none"),
+    ("mask_rcnn", "group", "allowed: none"),
+])
+def test_head_norm_a_family_cannot_build_is_refused(family: str, norm: str, allowed: str, tiny_config) -> None:
+    """A head_norm the family's torchvision head cannot honour is a ConfigError naming key, family and values."""
+    with pytest.raises(ConfigError, match=f"model.head_norm='{norm}' does not apply to {family} \\({allowed};"):
+        tiny_config(family, model={"head_norm": norm})
+
+
+def test_group_head_needs_fpn_channels_multiple_of_32(tiny_config) -> None:
+    """head_norm=group on RetinaNet needs fpn_channels % 32 == 0 (tiny_config's 16 is refused), as FCOS always."""
+    with pytest.raises(ConfigError, match="model.fpn_channels must be a multiple of 32 for retinanet with head_norm "
+                                          "'group'"):
+        tiny_config(model={"head_norm": "group"})
+    assert tiny_config(model={"head_norm": "none"}).model.fpn_channels == 16
+    assert tiny_config(model=GN_HEAD).model.head_norm == "group"
+    with pytest.raises(ConfigError, match="multiple of 32 for fcos"):
+        tiny_config("fcos", model={"fpn_channels": 16})
+
+
+def test_build_refuses_an_unvalidated_head_norm(tiny_config) -> None:
+    """model_copy(update=...) skips validation: build_detector still refuses what the family cannot build."""
+    cfg = tiny_config("fcos").model.model_copy(update={"head_norm": "none"})
+    with pytest.raises(ValueError, match="model.head_norm='none' does not apply to fcos"):
+        build_detector(cfg, NUM_CLASSES)
+    cfg = tiny_config().model.model_copy(update={"head_norm": "group"})  # 16 channels
+    with pytest.raises(ValueError, match="multiple of 32 for retinanet"):
+        build_detector(cfg, NUM_CLASSES)
