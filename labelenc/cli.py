@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-val", type=int, default=64)
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--num-classes", type=int, default=4)
+    synth.add_argument("--max-objects", type=int, default=6, help="objects per image at most (before occlusion)")
+    synth.add_argument("--min-object-size", type=int, default=8,
+                       help="shortest box side in pixels before occlusion (sides are log-uniform up to 0.7 of the "
+                       "image)")
     convert = _parser(
         "convert", data_sub,
         "convert a Pascal VOC or YOLO dataset to one COCO JSON file (validated; boxes clipped, empty ones dropped); "
@@ -219,7 +223,8 @@ def _dispatch_data(args: argparse.Namespace) -> None:
 
     paths = generate_synthetic_dataset(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-        image_size=args.image_size, num_classes=args.num_classes,
+        image_size=args.image_size, num_classes=args.num_classes, max_objects=args.max_objects,
+        min_object_size=args.min_object_size,
     )
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 

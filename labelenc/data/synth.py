@@ -20,7 +20,7 @@ __all__ = ["SHAPES", "generate_synthetic_dataset"]
 # Class k is SHAPES[k], with COCO category id CATEGORY_ID_STEP * (k + 1): deliberately not contiguous.
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "star", "diamond", "hexagon")
 CATEGORY_ID_STEP = 10
-MIN_OBJECT_SIZE = 8  # px, shortest box side before occlusion
+MIN_OBJECT_SIZE = 8  # px, default shortest box side before occlusion
 MAX_OBJECT_FRACTION = 0.7  # longest box side, as a fraction of the image side
 ASPECT_RANGE = (0.6, 1.0)  # short side / long side
 MIN_VISIBLE_AREA = 20  # px; objects occluded below this are dropped (and not drawn)
@@ -50,6 +50,7 @@ def generate_synthetic_dataset(
     image_size: int = 128,
     num_classes: int = 4,
     max_objects: int = 6,
+    min_object_size: int = MIN_OBJECT_SIZE,
 ) -> dict[str, Path]:
     """Write train/val COCO instance JSONs and PNGs under ``out_dir``, byte-identical for a given seed.
 
@@ -57,7 +58,9 @@ def generate_synthetic_dataset(
     0 (about 5% of images) to ``max_objects`` shapes of ``num_classes`` classes (``SHAPES[:num_classes]``) whose
     colours are random, so only the shape identifies the class. Later shapes occlude earlier ones; masks, boxes
     and areas describe the visible pixels only. Unoccluded polygonal shapes get polygon segmentations, the
-    others RLE. Returns ``{"train": json path, "val": json path}``.
+    others RLE. Box sides before occlusion are log-uniform from ``min_object_size`` pixels to 0.7 of the image
+    side: raising the minimum removes the tiniest objects, which a small detector learns last. Returns
+    ``{"train": json path, "val": json path}``.
     """
     _check_int("seed", seed, 0)
     _check_int("num_train", num_train, 1)
@@ -65,11 +68,12 @@ def generate_synthetic_dataset(
     _check_int("image_size", image_size, MIN_IMAGE_SIZE)
     _check_int("num_classes", num_classes, 1, len(SHAPES))
     _check_int("max_objects", max_objects, 1)
+    _check_int("min_object_size", min_object_size, 2, int(MAX_OBJECT_FRACTION * image_size))
     root = Path(out_dir)
     paths = {}
     for split_index, (split, num_images) in enumerate((("train", num_train), ("val", num_val))):
         rng = np.random.default_rng([seed, split_index])
-        dataset = _write_split(root / split, rng, num_images, image_size, num_classes, max_objects)
+        dataset = _write_split(root / split, rng, num_images, image_size, num_classes, max_objects, min_object_size)
         # JSON without indent or final newline, as the generator always wrote it: the files stay byte-identical.
         paths[split] = write_text_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(dataset))
     return paths
@@ -83,7 +87,8 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
 
 
 def _write_split(
-    image_dir: Path, rng: np.random.Generator, num_images: int, size: int, num_classes: int, max_objects: int
+    image_dir: Path, rng: np.random.Generator, num_images: int, size: int, num_classes: int, max_objects: int,
+    min_object_size: int,
 ) -> dict:
     """Render one split's PNGs into ``image_dir`` and return its COCO dataset dict."""
     empty = set(rng.choice(num_images, size=round(EMPTY_FRACTION * num_images), replace=False).tolist())
@@ -92,7 +97,7 @@ def _write_split(
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         count = 0 if index in empty else int(rng.integers(1, max_objects + 1))
-        pixels, shapes = _render_image(rng, size, num_classes, count)
+        pixels, shapes = _render_image(rng, size, num_classes, count, min_object_size)
         image = Image.fromarray(pixels)
         write_atomic(image_dir / file_name, lambda f: image.save(f, format="PNG", compress_level=1))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -124,11 +129,11 @@ def _annotation(annotation_id: int, image_id: int, shape: _Shape) -> dict:
 
 
 def _render_image(
-    rng: np.random.Generator, size: int, num_classes: int, count: int
+    rng: np.random.Generator, size: int, num_classes: int, count: int, min_object_size: int
 ) -> tuple[np.ndarray, list[_Shape]]:
     """Draw ``count`` shapes (largest first) on a fresh background; return uint8 HxWx3 pixels and the kept shapes."""
     background = _background(rng, size)
-    shapes = [_sample_shape(rng, size, int(rng.integers(num_classes))) for _ in range(count)]
+    shapes = [_sample_shape(rng, size, int(rng.integers(num_classes)), min_object_size) for _ in range(count)]
     shapes.sort(key=lambda s: -int(s.mask.sum()))
     shapes = _resolve_occlusion(shapes, size)
     image = background.copy()
@@ -152,10 +157,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base.astype(np.float32) + gradient + blobs
 
 
-def _sample_shape(rng: np.random.Generator, size: int, label: int) -> _Shape:
+def _sample_shape(rng: np.random.Generator, size: int, label: int, min_side: int) -> _Shape:
     """A shape of class ``label`` in a random box (log-uniform side, random aspect) lying inside the image."""
-    long_side = math.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(MAX_OBJECT_FRACTION * size)))
-    short_side = max(MIN_OBJECT_SIZE, long_side * rng.uniform(*ASPECT_RANGE))
+    long_side = math.exp(rng.uniform(math.log(min_side), math.log(MAX_OBJECT_FRACTION * size)))
+    short_side = max(min_side, long_side * rng.uniform(*ASPECT_RANGE))
     w, h = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     x0, y0 = rng.uniform(0.0, size - w), rng.uniform(0.0, size - h)
     name = SHAPES[label]

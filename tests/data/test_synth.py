@@ -141,6 +141,15 @@ def test_object_sizes_range_from_small_to_large(train: COCO) -> None:
     assert sides.min() <= 12 and sides.max() >= 0.5 * SIZE
 
 
+def test_min_object_size_removes_the_smallest_objects(tmp_path: Path) -> None:
+    """Every intact (polygon) object spans at least min_object_size pixels; the default keeps smaller ones."""
+    paths = generate_synthetic_dataset(tmp_path, num_train=40, num_val=1, image_size=64, min_object_size=20)
+    anns = COCO(str(paths["train"])).anns.values()
+    intact = [ann for ann in anns if isinstance(ann["segmentation"], list)]
+    assert intact and min(max(ann["bbox"][2:]) for ann in intact) >= 19.5
+    assert min(max(ann["bbox"][2:]) for ann in anns) < 20  # occluded ones may be cut smaller
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -153,6 +162,8 @@ def test_object_sizes_range_from_small_to_large(train: COCO) -> None:
         ("num_classes", len(SHAPES) + 1),
         ("max_objects", 0),
         ("max_objects", True),
+        ("min_object_size", 1),
+        ("min_object_size", 90),
     ],
 )
 def test_bad_arguments_raise_a_user_error_naming_them(tmp_path: Path, name: str, value: object) -> None:
