@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from labelenc import __version__, runner
 from labelenc.config import Config, ConfigError, build_config, load_config
@@ -212,9 +211,11 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1f}"
 
 
-def machine_description() -> str:
-    device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
-    return f"{platform.node() or 'unknown'} ({platform.machine()}, {torch.get_num_threads()} threads, {device})"
+def _trained_on(results: dict[str, list[dict]]) -> str:
+    """Where the runs trained, as their summaries record it, with how many runs each (reused runs may come from
+    other machines than the one writing the report)."""
+    machines = Counter(run.get("machine", "not recorded") for runs in results.values() for run in runs)
+    return "; ".join(f"{machine} ({count} run{'s' if count > 1 else ''})" for machine, count in machines.items())
 
 
 def build_report(cfg: Config, experiment: Experiment, seeds: list[int], results: dict[str, list[dict]]) -> dict:
@@ -264,7 +265,8 @@ def build_report(cfg: Config, experiment: Experiment, seeds: list[int], results:
         f"val split, {'mean ± std over seeds' if len(seeds) > 1 else 'one seed'}.\n"
         + (f"Paper column: {experiment.paper_source}; it is at the paper's scale, so compare gaps, not levels.\n"
            if paper_columns else "")
-        + f"Machine: {machine_description()}; torch {torch.__version__}; labelenc {__version__}; "
+        + f"Trained on: {_trained_on(results)}.\n"
+        f"Report written on: {runner.machine_description()}; labelenc {__version__}; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n\n"
     )
     notes = "".join(f"\n{note}\n" for note in experiment.notes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import shutil
 import tempfile
 import time
@@ -303,8 +304,20 @@ def train(
     if is_main_process():
         write_json_atomic(output_dir / SUMMARY, {"stage": stage, "iterations": objective.max_iter,
                                                  "wall_time": wall_time, "wall_time_this_process": this_process,
-                                                 "inputs": input_record(inputs), "metrics": metrics})
+                                                 "machine": machine_description(device), "inputs": input_record(inputs),
+                                                 "metrics": metrics})
     return RunResult(output_dir, weights, metrics, wall_time, outputs)
+
+
+def machine_description(device: torch.device | None = None) -> str:
+    """Host, CPU threads, accelerator and torch build: where a run trained (on ``device``, with as many processes),
+    or, without a device, this machine (where a report is written)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = f"CUDA {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "CPU"
+    processes = f", {get_world_size()} processes" if get_world_size() > 1 else ""
+    return (f"{platform.node() or 'unknown'} ({platform.machine()}, {torch.get_num_threads()} threads, {accelerator}"
+            f"{processes}); torch {torch.__version__}")
 
 
 def input_record(inputs: Mapping[str, str]) -> dict[str, str]:

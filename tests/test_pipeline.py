@@ -13,7 +13,7 @@ from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
 from labelenc.errors import UserError
 from labelenc.pipeline import run_pipeline
-from labelenc.runner import FINAL_WEIGHTS, SUMMARY
+from labelenc.runner import FINAL_WEIGHTS, SUMMARY, machine_description
 from labelenc.stages import LABEL_ENCODER
 
 
@@ -77,6 +77,25 @@ def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline
     half = 12.706 * abs(differences[0] - differences[1]) / 2 ** 0.5 / 2 ** 0.5
     assert (first["low"], first["high"]) == (pytest.approx(first["mean"] - half), pytest.approx(first["mean"] + half))
     assert f"| LabelEnc − baseline 2x | AP |" in markdown and first["verdict"] in markdown
+    assert f"Trained on: {report['runs']['baseline_1x'][0]['machine']} (8 runs).\n" in markdown
+
+
+def test_the_report_says_where_reused_runs_trained(tiny_pipeline_config) -> None:
+    """Runs reused from elsewhere keep their own machine in the report, apart from the machine writing it."""
+    root = Path(tiny_pipeline_config.output_dir)
+    run_pipeline(tiny_pipeline_config, seeds=[0])
+    summaries = sorted((root / "seed0").glob(f"*/{SUMMARY}"))
+    for path, machine in zip(summaries, ["gpu-node (x86_64, 16 threads, CUDA H100)", None]):
+        summary = json.loads(path.read_text())
+        if machine is None:
+            del summary["machine"]  # a summary written before summaries recorded the machine
+        else:
+            summary["machine"] = machine
+        path.write_text(json.dumps(summary))
+    markdown = run_pipeline(tiny_pipeline_config, seeds=[0])["markdown"]
+    here = machine_description()
+    assert (f"Trained on: gpu-node (x86_64, 16 threads, CUDA H100) (1 run); not recorded (1 run); {here} (2 runs).\n"
+            f"Report written on: {here};") in markdown
 
 
 def test_pipeline_with_a_given_label_encoder_skips_step1(tiny_pipeline_config, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from labelenc.engine.checkpoint import load_file, save_file
 from labelenc.errors import UserError
 from labelenc import runner
 from labelenc.models import build_detector
-from labelenc.runner import FINAL_WEIGHTS, SUMMARY, evaluate, train
+from labelenc.runner import FINAL_WEIGHTS, SUMMARY, evaluate, machine_description, train
 
 
 @pytest.mark.parametrize("family", ["fcos", "mask_rcnn"])
@@ -40,6 +40,8 @@ def test_run_directory_records_config_and_summary(tiny_config) -> None:
     summary = json.loads((result.output_dir / SUMMARY).read_text())
     assert summary["stage"] == "baseline" and summary["iterations"] == 2
     assert summary["metrics"] == result.metrics
+    assert summary["machine"] == machine_description(torch.device("cpu"))  # where it trained: the config's device
+    assert "CPU" in summary["machine"] and torch.__version__ in summary["machine"]
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert {"loss", "lr", "classification", "bbox_regression"} <= set(records[0])
