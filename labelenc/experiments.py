@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from labelenc import __version__, runner
 from labelenc.config import Config, ConfigError, build_config, load_config
 from labelenc.data.loader import build_datasets
