@@ -1,12 +1,15 @@
 """Issue 11's embedded benchmark: the paper's Table 1 for several detector families and seeds, run side by side.
 
-Starts one ``labelenc pipeline CONFIG --seeds S`` process per (config, seed), all at once (or ``--parallel`` at a
+Starts, for each (config, seed), one ``labelenc train`` process per baseline run (1x, 2x) and one ``labelenc
+pipeline CONFIG --seeds S --skip-baselines`` process for Step 1 then Step 2, all at once (or ``--parallel`` at a
 time), because one small detector leaves most of a GPU idle: its iterations are bound by kernel launches, so several
-processes share the GPU at little cost each. When a config's seeds have all finished, ``labelenc pipeline CONFIG
---seeds 0,1,2`` reuses their runs and writes the config's report over all seeds (mean ± std, the paired difference
-LabelEnc − baseline 2x per seed with its 95% interval). Each process logs to ``<output_dir>/logs/seed<S>.log``.
+processes share the GPU at little cost each, and the longest chain (Step 1 then Step 2) sets the wall time. Each
+baseline trains in the folder where the pipeline looks for it, with the config the pipeline would give it. When a
+config's processes have all finished, ``labelenc pipeline CONFIG --seeds 0,1,2`` reuses their runs and writes the
+config's report over all seeds (mean ± std, the paired difference LabelEnc − baseline 2x per seed with its 95%
+interval). Each process logs to ``<output_dir>/logs/seed<S>_<job>.log``.
 
-Runs stopped by ``--time-limit`` keep their checkpoints: the same command continues them.
+Runs stopped by ``--time-limit`` keep their checkpoints: the same command continues them (finished runs are reused).
 
 Usage: python benchmarks/bench_families.py [--configs A.yaml B.yaml] [--seeds 0,1,2] [KEY=VALUE ...]
 """
@@ -20,7 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from labelenc import runner
 from labelenc.config import load_config
+from labelenc.experiments import run_config
+from labelenc.stages import STAGES
+from labelenc.tables import table1
 
 DEFAULT_CONFIGS = ["configs/bench_fcos_synth.yaml", "configs/bench_retinanet_synth.yaml",
                    "configs/bench_faster_rcnn_synth.yaml"]
@@ -39,9 +46,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pipeline_command(config: str, seeds: list[int], overrides: list[str]) -> list[str]:
+def pipeline_command(config: str, seeds: list[int], overrides: list[str], *flags: str) -> list[str]:
     return [sys.executable, "-m", "labelenc.cli", "pipeline", config, "--seeds", ",".join(map(str, seeds)),
-            *overrides]
+            *flags, *overrides]
+
+
+def seed_jobs(config: str, seed: int, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, command) of the processes that together train one seed's pipeline: Step 1 then Step 2 first (the
+    longest), then one ``labelenc train --resume`` per baseline run not yet finished, in the pipeline's own folder."""
+    cfg = load_config(config, overrides)
+    jobs = [("labelenc", pipeline_command(config, [seed], overrides, "--skip-baselines"))]
+    root = Path(cfg.output_dir) / f"seed{seed}"
+    for run in table1(cfg).runs:
+        if not STAGES[run.stage].baseline:
+            continue
+        run_dir = root / run.name
+        if (run_dir / runner.SUMMARY).is_file():  # finished: the report checks that its config is the same
+            continue
+        run_cfg = run_config(cfg, run, run_dir, seed)
+        settings = [f"train.seed={seed}", f"train.schedule={run.schedule}", f"output_dir={run_cfg.output_dir}",
+                    *(f"{key}={value}" for key, value in run.overrides.items())]
+        jobs.append((run.name, [sys.executable, "-m", "labelenc.cli", STAGES[run.stage].command, config, "--resume",
+                                *overrides, *settings]))
+    return jobs
 
 
 def last_line(path: Path) -> str:
@@ -62,30 +89,30 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(load_config(config, args.overrides).output_dir) / "logs"  # a bad config fails here, early
         log_dir.mkdir(parents=True, exist_ok=True)
         logs[config] = log_dir
-    queue = [(config, seed) for seed in seeds for config in args.configs]
-    running: dict[tuple[str, int], tuple[subprocess.Popen, Path]] = {}
+    queue = [(config, seed, name, command) for seed in seeds for config in args.configs
+             for name, command in seed_jobs(config, seed, args.overrides)]
+    running: dict[tuple[str, int, str], tuple[subprocess.Popen, Path]] = {}
     failed: set[str] = set()
     start, last_poll = time.monotonic(), 0.0
     limit = args.parallel or len(queue)
     while queue or running:
         while queue and len(running) < limit:
-            config, seed = queue.pop(0)
-            log = logs[config] / f"seed{seed}.log"
+            config, seed, name, command = queue.pop(0)
+            log = logs[config] / f"seed{seed}_{name}.log"
             with log.open("w") as out:
-                proc = subprocess.Popen(pipeline_command(config, [seed], args.overrides), stdout=out,
-                                        stderr=subprocess.STDOUT, env=env)
-            running[config, seed] = proc, log
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            running[config, seed, name] = proc, log
         for key, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 del running[key]
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}), see {log}"
-                print(f"[{time.monotonic() - start:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
+                print(f"[{time.monotonic() - start:6.0f} s] {key[0]} seed {key[1]} {key[2]}: {status}", flush=True)
                 if proc.returncode != 0:
                     failed.add(key[0])
         elapsed = time.monotonic() - start
         if args.time_limit and elapsed > args.time_limit and running:
-            print(f"[{elapsed:6.0f} s] time limit: stopping {len(running)} pipelines (they resume from their "
-                  "checkpoints when run again)", flush=True)
+            print(f"[{elapsed:6.0f} s] time limit: stopping {len(running)} processes (their runs resume from "
+                  "their checkpoints when run again)", flush=True)
             for proc, _ in running.values():
                 proc.terminate()
             for key, (proc, _) in running.items():
@@ -94,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         if elapsed - last_poll >= args.poll:
             last_poll = elapsed
-            for (config, seed), (_, log) in running.items():
-                print(f"[{elapsed:6.0f} s] {Path(config).stem} seed {seed}: {last_line(log)}", flush=True)
+            for (config, seed, name), (_, log) in running.items():
+                print(f"[{elapsed:6.0f} s] {Path(config).stem} seed {seed} {name}: {last_line(log)}", flush=True)
         time.sleep(1.0)
     for config in args.configs:
         if config in failed:
