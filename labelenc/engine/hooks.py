@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,15 @@ from labelenc.fileio import write_text_atomic
 
 
 class LRScheduler(Hook):
-    """Steps the LR scheduler after every iteration."""
+    """Steps the LR scheduler after every iteration, skipped ones included: the schedule counts iterations."""
 
     def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         self.scheduler = scheduler
 
     def after_step(self, trainer: Trainer) -> None:
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when the first iterations were skipped (fp16 overflow): intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
 
 
 class LossWeights(Hook):

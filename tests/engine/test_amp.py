@@ -82,6 +82,20 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_does_not_stop_the_run
     assert any(not torch.equal(a, b) for a, b in zip(before, seen.steps[-1][0]))
 
 
+@pytest.mark.filterwarnings("error")
+def test_skipped_fp16_iterations_count_in_the_lr_schedule_without_a_warning() -> None:
+    """The schedule counts iterations, skipped ones too (as detectron2's): after overflowing first iterations torch
+    warns that the scheduler stepped before the optimizer, which is intended here and not shown."""
+    model = ConvToy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5**i)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    seen = Seen()
+    Trainer(model, optimizer, batches(), 4, CPU, [LRScheduler(scheduler), seen], amp="fp16", scaler=scaler).train()
+    assert [skipped for _, skipped, _ in seen.steps] == [1.0] * 4  # 2**40 takes more than 4 halvings to fit
+    assert optimizer.param_groups[0]["lr"] == 0.5**4
+
+
 def test_fp16_scaler_state_is_checkpointed_and_resume_is_exact(tmp_path: Path) -> None:
     def build() -> tuple[ConvToy, Trainer, Checkpointer]:
         torch.manual_seed(0)
