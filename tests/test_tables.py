@@ -18,9 +18,10 @@ from labelenc.tables import TABLES, table1
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _config(synth_root: Path, root: Path, family: str = "retinanet") -> Path:
+def _config(synth_root: Path, root: Path, family: str = "retinanet", **model: object) -> Path:
     raw = tiny_raw(synth_root, root / "runs", family)
     raw["train"].update(base_iters=2, checkpoint_period=100)
+    raw["model"].update(model)
     path = root / f"{family}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -92,7 +93,7 @@ def test_the_reconstruction_only_step1_feeds_step2(ablations: dict) -> None:
 
 
 def test_table7_is_mask_rcnn_with_box_and_mask_ap(synth_root: Path, tmp_path: Path) -> None:
-    config = _config(synth_root, tmp_path, "mask_rcnn")
+    config = _config(synth_root, tmp_path, "mask_rcnn", detections_per_image=10)  # untrained: 100 masks per image
     assert cli.main(["ablate", str(config), "--table", "7"]) == 0
     report = json.loads((tmp_path / "runs" / "table7.json").read_text())
     assert list(report["rows"]) == ["baseline 1x", "baseline 2x", "step1-only", "LabelEnc"]
