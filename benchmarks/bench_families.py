@@ -71,6 +71,13 @@ def seed_jobs(config: str, seed: int, overrides: list[str]) -> list[tuple[str, l
     return jobs
 
 
+def unfinished_runs(config: str, seeds: list[int], overrides: list[str]) -> list[Path]:
+    """The config's pipeline run folders, over the seeds, that hold no finished run (no run summary) yet."""
+    cfg = load_config(config, overrides)
+    folders = [Path(cfg.output_dir) / f"seed{seed}" / run.name for seed in seeds for run in table1(cfg).runs]
+    return [folder for folder in folders if not (folder / runner.SUMMARY).is_file()]
+
+
 def last_line(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").strip().splitlines()
@@ -124,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             for (config, seed, name), (_, log) in running.items():
                 print(f"[{elapsed:6.0f} s] {Path(config).stem} seed {seed} {name}: {last_line(log)}", flush=True)
         time.sleep(1.0)
-    for config in args.configs:
-        if config in failed:
-            print(f"{config}: not every seed finished; no report over seeds", flush=True)
+    for config in args.configs:  # a process stopped after its runs had finished (writing its report) lost nothing
+        missing = unfinished_runs(config, seeds, args.overrides)
+        if missing:
+            print(f"{config}: no report over seeds; not finished yet: {', '.join(map(str, missing))} (the same "
+                  "command continues them)", flush=True)
+            failed.add(config)
             continue
         report = subprocess.run(pipeline_command(config, seeds, args.overrides), env=env, capture_output=True,
                                 text=True)

@@ -41,3 +41,17 @@ def test_finished_baselines_get_no_process(tmp_path: Path) -> None:
     (tmp_path / "seed0" / "baseline_2x").mkdir(parents=True)
     (tmp_path / "seed0" / "baseline_2x" / "run_summary.json").write_text("{}")
     assert [name for name, _ in _bench_families().seed_jobs(config, 0, overrides)] == ["labelenc", "baseline_1x"]
+
+
+def test_the_report_waits_for_every_run_of_every_seed(tmp_path: Path) -> None:
+    """Runs without a summary are listed, whichever process trained them or was stopped after them."""
+    config = str(ROOT / "configs" / "bench_fcos_synth.yaml")
+    overrides = [f"output_dir={tmp_path}"]
+    for seed in (0, 1):
+        for name in ("baseline_1x", "baseline_2x", "step1", "step2"):
+            (tmp_path / f"seed{seed}" / name).mkdir(parents=True)
+            if (seed, name) != (1, "step2"):
+                (tmp_path / f"seed{seed}" / name / "run_summary.json").write_text("{}")
+    unfinished = _bench_families().unfinished_runs
+    assert unfinished(config, [0, 1], overrides) == [tmp_path / "seed1" / "step2"]
+    assert unfinished(config, [0], overrides) == []
