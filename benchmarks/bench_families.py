@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                   "their checkpoints when run again)", flush=True)
             for proc, _ in running.values():
                 proc.terminate()
-            for key, (proc, _) in running.items():
-                proc.wait()
-                failed.add(key[0])
+            for proc, _ in running.values():
+                proc.wait()  # whether their runs finished is checked below, run by run
             break
         if elapsed - last_poll >= args.poll:
             last_poll = elapsed
