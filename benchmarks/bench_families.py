@@ -25,7 +25,6 @@ from pathlib import Path
 
 from labelenc import runner
 from labelenc.config import load_config
-from labelenc.experiments import run_config
 from labelenc.stages import STAGES
 from labelenc.tables import table1
 
@@ -56,15 +55,12 @@ def seed_jobs(config: str, seed: int, overrides: list[str]) -> list[tuple[str, l
     longest), then one ``labelenc train --resume`` per baseline run not yet finished, in the pipeline's own folder."""
     cfg = load_config(config, overrides)
     jobs = [("labelenc", pipeline_command(config, [seed], overrides, "--skip-baselines"))]
-    root = Path(cfg.output_dir) / f"seed{seed}"
+    unfinished = set(unfinished_runs(config, [seed], overrides))  # a finished run's config is checked by the report
     for run in table1(cfg).runs:
-        if not STAGES[run.stage].baseline:
+        run_dir = Path(cfg.output_dir) / f"seed{seed}" / run.name
+        if not STAGES[run.stage].baseline or run_dir not in unfinished:
             continue
-        run_dir = root / run.name
-        if (run_dir / runner.SUMMARY).is_file():  # finished: the report checks that its config is the same
-            continue
-        run_cfg = run_config(cfg, run, run_dir, seed)
-        settings = [f"train.seed={seed}", f"train.schedule={run.schedule}", f"output_dir={run_cfg.output_dir}",
+        settings = [f"train.seed={seed}", f"train.schedule={run.schedule}", f"output_dir={run_dir}",
                     *(f"{key}={value}" for key, value in run.overrides.items())]
         jobs.append((run.name, [sys.executable, "-m", "labelenc.cli", STAGES[run.stage].command, config, "--resume",
                                 *overrides, *settings]))
