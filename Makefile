@@ -15,7 +15,7 @@ install: $(BIN)/labelenc
 
 # The main job: baseline 1x, baseline 2x, LabelEnc Step 1 and Step 2 on the embedded synthetic dataset.
 demo: install
-	$(BIN)/labelenc data synth --out data/synth --seed 0
+	$(BIN)/labelenc data synth --out data/synth --seed 0 --num-train 1024 --num-val 500 --min-object-size 32
 	$(BIN)/labelenc pipeline $(DEMO_CONFIG)
 
 test: install
