@@ -56,6 +56,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.base_iters=300")
 
 
+def _jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N runs at once, each in its own process with 1/N of the CPU threads (runs "
+                   "that wait for another's output start when it is written); with train.threads set, the numbers "
+                   "do not depend on N")
+
+
 def _stage_parser(stage: Stage, sub) -> None:
     """One training command per registered stage: config, overrides, resume / load options and the stage's inputs."""
     p = _parser(stage.command, sub, stage.help)
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--skip-baselines", action="store_true", help="run only Step 1 and Step 2")
     pipe.add_argument("--label-encoder", default=None, help="reuse this Step-1 label encoder instead of running step1")
     pipe.add_argument("--overwrite", action="store_true", help="replace previous runs in output_dir")
+    _jobs_arg(pipe)
     ablate = _parser(
         "ablate", sub,
         "run the runs one of the paper's ablation tables needs (reusing finished runs in output_dir) and write "
@@ -152,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--teacher", default=None, metavar="FILE",
                         help="table 6: a trained teacher's model_final.pth (default: train one)")
     ablate.add_argument("--overwrite", action="store_true", help="replace previous runs in output_dir")
+    _jobs_arg(ablate)
     export = _parser(
         "export", sub,
         "write the plain detector as TorchScript or ONNX and check the file against the PyTorch model on the "
@@ -252,7 +261,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "pipeline":
         from labelenc.pipeline import run_pipeline
 
-        run_pipeline(cfg, _seeds(args.seeds, cfg), args.skip_baselines, args.label_encoder, args.overwrite)
+        run_pipeline(cfg, _seeds(args.seeds, cfg), args.skip_baselines, args.label_encoder, args.overwrite,
+                     args.jobs)
         return
     if args.command == "ablate":
         from labelenc.experiments import run_experiment
@@ -261,7 +271,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         given = {"teacher": args.teacher} if args.teacher else {}
         if args.teacher and args.table != 6:
             raise UserError(f"--teacher is for table 6 (knowledge distillation), not table {args.table}")
-        run_experiment(cfg, experiment, _seeds(args.seeds, cfg), given, args.overwrite, f"table{args.table}")
+        run_experiment(cfg, experiment, _seeds(args.seeds, cfg), given, args.overwrite, f"table{args.table}",
+                       args.jobs)
         return
     from labelenc import runner
 

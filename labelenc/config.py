@@ -177,6 +177,11 @@ class TrainConfig(_Strict):
     log_period: int = Field(20, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of the run (torch.set_num_threads) while it trains and evaluates; None: "
+        "the process's own (all cores, or the cores shared out by --jobs). CPU results depend on the thread count, "
+        "so a config that sets it gives the same numbers however its runs are launched.",
+    )
     amp: Literal["off", "bf16", "fp16"] = Field(
         "off", description="Mixed precision: bf16 autocast (CUDA and CPU), or fp16 autocast with a gradient scaler "
         "(CUDA; its overflowing steps are skipped). YAML's false/true read as off/bf16.",

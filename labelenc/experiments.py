@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from labelenc import __version__, runner
 from labelenc.config import Config, ConfigError, build_config, load_config
 from labelenc.data.loader import build_datasets
+from labelenc.engine.distributed import get_world_size
 from labelenc.engine.hooks import read_metrics
 from labelenc.errors import UserError
 from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
@@ -155,34 +160,129 @@ def planned_runs(experiment: Experiment, given: Mapping[str, str]) -> list[RunSp
     return [r for r in experiment.runs if r.replaced_by is None or r.replaced_by not in given]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One run of one seed, ready to train: its config, stage, input files and the jobs that write those files."""
+
+    key: tuple[str, int]  # (run name, seed)
+    cfg: Config
+    stage: str
+    inputs: Mapping[str, str]
+    after: tuple[tuple[str, int], ...]
+
+
+def _plan(experiment: Experiment, runs: list[RunSpec], seeds: list[int], configs: dict, given: Mapping[str, str]
+          ) -> list[_Job]:
+    """Every (run, seed) as a job, seed by seed in the experiment's run order (an input's source comes first)."""
+    specs = {r.name: r for r in experiment.runs}
+    jobs = []
+    for seed in seeds:
+        for run in runs:
+            inputs = {key: given.get(key) or _input_file(specs[src], key, Path(configs[src, seed].output_dir))
+                      for key, src in run.inputs.items()}
+            after = tuple((src, seed) for key, src in run.inputs.items() if key not in given)
+            jobs.append(_Job((run.name, seed), configs[run.name, seed], run.stage, inputs, after))
+    return jobs
+
+
+def _train_job(job: _Job, overwrite: bool) -> dict:
+    """Train one job (an interrupted run of its config continues from its last checkpoint); its summary."""
+    result = runner.train(job.cfg, job.stage, job.inputs, resume=not overwrite, overwrite=overwrite)
+    return json.loads((result.output_dir / runner.SUMMARY).read_text())
+
+
+def _start_worker(threads: int, lock, lines) -> None:
+    """A --jobs worker process: its share of the CPU threads, the parent's logging, and a terminal line of its own
+    for its progress bars."""
+    from tqdm import tqdm
+
+    from labelenc.engine.hooks import ProgressBar
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tqdm.set_lock(lock)
+    ProgressBar.position = lines.get()
+
+
+def _train_in_parallel(jobs: list[_Job], overwrite: bool, processes: int) -> dict[tuple[str, int], dict]:
+    """Train ``jobs`` in up to ``processes`` worker processes, a job once the jobs it reads from have finished.
+
+    Jobs that others wait for start first, so that the chain Step 1 -> Step 2 runs beside the baselines. The CPU
+    threads are shared out among the workers. If a job fails, no further job starts; the running ones finish (their
+    runs are kept for the next attempt) before the first failure is raised.
+    """
+    waited_for = Counter(key for job in jobs for key in job.after)
+    queue = sorted(jobs, key=lambda job: -waited_for[job.key])  # stable: otherwise seed and run order
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads and locks
+    lines = context.Queue()
+    for line in range(processes):
+        lines.put(line)
+    threads = max(1, torch.get_num_threads() // processes)
+    logger.info("training up to %d runs at once, %d CPU thread(s) each unless train.threads says otherwise",
+                processes, threads)
+    done: dict[tuple[str, int], dict] = {}
+    running: dict[Future, _Job] = {}
+    failure: BaseException | None = None
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, context.RLock(), lines)) as pool:
+        while queue or running:
+            ready = [job for job in queue if all(key in done for key in job.after)] if failure is None else []
+            for job in ready[: processes - len(running)]:
+                queue.remove(job)
+                running[pool.submit(_train_job, job, overwrite)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                try:
+                    done[job.key] = future.result()
+                except Exception as err:  # noqa: BLE001 - re-raised below, once the running jobs are kept
+                    if failure is None and running:
+                        logger.error("%s failed; waiting for the %d run(s) still training", job.cfg.output_dir,
+                                     len(running))
+                    failure = failure or err
+    if failure is not None:
+        raise failure
+    return done
+
+
 def run_experiment(
     cfg: Config, experiment: Experiment, seeds: list[int], given: Mapping[str, str] | None = None,
-    overwrite: bool = False, report_name: str = "report",
+    overwrite: bool = False, report_name: str = "report", jobs: int = 1,
 ) -> dict:
     """Train (or reuse) every run for every seed, then write ``<report_name>.md``, ``.json`` and ``.png``.
 
     Runs live in ``output_dir/seed<k>/<run name>``: experiments of one config share the runs they have in common.
+    ``jobs`` > 1 trains up to that many runs at once, each in its own process (a CPU's threads shared out among them).
     """
     experiment.check()
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give at least 1")
+    if jobs > 1 and get_world_size() > 1:
+        raise UserError("--jobs trains several runs at once on this machine; under torchrun every process trains "
+                        "the same run, so use --jobs 1")
     given = dict(given or {})
     root = Path(cfg.output_dir)
-    runs, specs = planned_runs(experiment, given), {r.name: r for r in experiment.runs}
+    runs = planned_runs(experiment, given)
     configs = {(run.name, seed): run_config(cfg, run, root / f"seed{seed}" / run.name, seed)
                for seed in seeds for run in runs}  # every config is checked before anything trains
     check_given_files(cfg, runs, given)
-    results: dict[str, list[dict]] = {run.name: [] for run in runs}
-    for seed in seeds:
-        for run in runs:
-            run_cfg = configs[run.name, seed]
-            inputs = {key: given.get(key) or _input_file(specs[src], key, Path(configs[src, seed].output_dir))
-                      for key, src in run.inputs.items()}
-            summary = None if overwrite else finished_summary(run_cfg, inputs)
-            if summary is None:  # an interrupted run of this config continues from its last checkpoint
-                result = runner.train(run_cfg, run.stage, inputs, resume=not overwrite, overwrite=overwrite)
-                summary = json.loads((result.output_dir / runner.SUMMARY).read_text())
-            else:
-                logger.info("reusing finished run %s", run_cfg.output_dir)
-            results[run.name].append({**summary, "seed": seed, "run_dir": str(run_cfg.output_dir)})
+    summaries: dict[tuple[str, int], dict] = {}
+    to_train = []
+    for job in _plan(experiment, runs, seeds, configs, given):
+        summary = None if overwrite else finished_summary(job.cfg, job.inputs)
+        if summary is None:
+            to_train.append(job)
+        else:
+            logger.info("reusing finished run %s", job.cfg.output_dir)
+            summaries[job.key] = summary
+    if jobs > 1 and len(to_train) > 1:
+        summaries.update(_train_in_parallel(to_train, overwrite, jobs))
+    else:
+        summaries.update({job.key: _train_job(job, overwrite) for job in to_train})
+    results = {run.name: [{**summaries[run.name, seed], "seed": seed,
+                           "run_dir": str(configs[run.name, seed].output_dir)} for seed in seeds] for run in runs}
     report = build_report(cfg, experiment, seeds, results)
     write_json_atomic(root / f"{report_name}.json", report)
     write_text_atomic(root / f"{report_name}.md", report["markdown"])

@@ -15,8 +15,9 @@ from labelenc.tables import table1
 
 def run_pipeline(
     cfg: Config, seeds: list[int], skip_baselines: bool = False, label_encoder: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, jobs: int = 1,
 ) -> dict:
-    """Run the comparison for every seed; write report.md, report.json and report.png to ``cfg.output_dir``."""
+    """Run the comparison for every seed (up to ``jobs`` runs at once); write report.md, report.json and report.png
+    to ``cfg.output_dir``."""
     given = {"label_encoder": label_encoder} if label_encoder else {}
-    return run_experiment(cfg, table1(cfg, skip_baselines), seeds, given, overwrite)
+    return run_experiment(cfg, table1(cfg, skip_baselines), seeds, given, overwrite, jobs=jobs)

@@ -12,8 +12,9 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,40 +274,54 @@ def train(
     """
     recipe, inputs, start_time = STAGES[stage], dict(inputs or {}), time.perf_counter()
     recipe.check_inputs(inputs)
-    run = start_run(cfg, resume, overwrite, lambda class_names: recipe.check_input_files(cfg, class_names, inputs))
-    device, output_dir, train_set = run.device, run.output_dir, run.train_set
-    detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
-    if init_weights is not None:
-        load_detector_weights(detector, init_weights, cfg, train_set.class_names)
-    objective = recipe.build(cfg, detector, train_set.class_names, inputs)
-    model = objective.model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    logger.info("%s: %d iterations", stage, objective.max_iter)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
-    extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
-             "category_ids": train_set.label_to_category[1:]}
-    scaler = build_grad_scaler(cfg.train.amp, device)
-    checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler)
-    start_iter = resume_or_start(checkpointer, resume)
-    trainer = Trainer(
-        wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
-        build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
-        default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}"), cfg.train.grad_clip,
-        cfg.train.amp, cfg.train.max_bad_steps, scaler,
-    )
-    trainer.train(start_iter)
-    outputs = objective.save_outputs(output_dir, extra["config"]) if objective.save_outputs and is_main_process() else {}
-    weights, metrics = _save_and_evaluate(cfg, run, detector, extra) if recipe.trains_detector else (None, {})
-    this_process = time.perf_counter() - start_time
-    wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
-    if is_main_process():
-        write_json_atomic(output_dir / SUMMARY, {"stage": stage, "iterations": objective.max_iter,
-                                                 "wall_time": wall_time, "wall_time_this_process": this_process,
-                                                 "machine": machine_description(device), "inputs": input_record(inputs),
-                                                 "metrics": metrics})
-    return RunResult(output_dir, weights, metrics, wall_time, outputs)
+    with cpu_threads(cfg.train.threads):
+        run = start_run(cfg, resume, overwrite, lambda class_names: recipe.check_input_files(cfg, class_names, inputs))
+        device, output_dir, train_set = run.device, run.output_dir, run.train_set
+        detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
+        if init_weights is not None:
+            load_detector_weights(detector, init_weights, cfg, train_set.class_names)
+        objective = recipe.build(cfg, detector, train_set.class_names, inputs)
+        model = objective.model.to(device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        logger.info("%s: %d iterations", stage, objective.max_iter)
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
+        extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
+                 "category_ids": train_set.label_to_category[1:]}
+        scaler = build_grad_scaler(cfg.train.amp, device)
+        checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler)
+        start_iter = resume_or_start(checkpointer, resume)
+        trainer = Trainer(
+            wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
+            build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
+            default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}"), cfg.train.grad_clip,
+            cfg.train.amp, cfg.train.max_bad_steps, scaler,
+        )
+        trainer.train(start_iter)
+        save_outputs = objective.save_outputs if is_main_process() else None
+        outputs = save_outputs(output_dir, extra["config"]) if save_outputs else {}
+        weights, metrics = _save_and_evaluate(cfg, run, detector, extra) if recipe.trains_detector else (None, {})
+        this_process = time.perf_counter() - start_time
+        wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
+        if is_main_process():
+            write_json_atomic(output_dir / SUMMARY, {
+                "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
+                "wall_time_this_process": this_process, "machine": machine_description(device),
+                "inputs": input_record(inputs), "metrics": metrics})
+        return RunResult(output_dir, weights, metrics, wall_time, outputs)
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` inside the block (None: left as they are), restored after it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def machine_description(device: torch.device | None = None) -> str:
@@ -413,8 +428,9 @@ def evaluate(cfg: Config, weights: str | Path) -> dict[str, dict[str, float]]:
         num_classes = len(category_ids)
     detector = build_detector(cfg.model.model_copy(update={"backbone_weights": None}), num_classes)
     load_detector_weights(detector, weights, cfg, class_names)
-    metrics = evaluate_detector(detector.to(device), val_set, device, _iou_types(cfg), cfg.train.batch_size,
-                                cfg.data.num_workers)
+    with cpu_threads(cfg.train.threads):
+        metrics = evaluate_detector(detector.to(device), val_set, device, _iou_types(cfg), cfg.train.batch_size,
+                                    cfg.data.num_workers)
     if is_main_process():
         write_eval(Path(weights), metrics)
     return metrics

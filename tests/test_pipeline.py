@@ -134,3 +134,47 @@ def test_an_interrupted_pipeline_resumes_its_unfinished_run(tiny_pipeline_config
     run_pipeline(cfg, seeds=[0], skip_baselines=True)
     resumed = load_file(step2 / FINAL_WEIGHTS)["model"]
     assert all(torch.equal(resumed[k], finished[k]) for k in finished)
+
+
+def test_jobs_train_runs_in_parallel_with_the_same_numbers(synth_root: Path, tmp_path: Path) -> None:
+    """--jobs 2 trains the four runs in two worker processes; with train.threads fixed, every run's metrics and
+    weights equal those of the sequential pipeline."""
+    reports = {}
+    for jobs in (1, 2):
+        raw = tiny_raw(synth_root, tmp_path / f"jobs{jobs}")
+        raw["train"].update(base_iters=2, checkpoint_period=100, threads=1)
+        reports[jobs] = run_pipeline(build_config(raw), seeds=[0], jobs=jobs)
+    for name in RUN_DIRS:
+        sequential = load_file(tmp_path / "jobs1" / "seed0" / name / FINAL_WEIGHTS)["model"]
+        parallel = load_file(tmp_path / "jobs2" / "seed0" / name / FINAL_WEIGHTS)["model"]
+        assert all(torch.equal(sequential[k], parallel[k]) for k in sequential), name
+    assert ([r["metrics"] for runs in reports[1]["runs"].values() for r in runs]
+            == [r["metrics"] for runs in reports[2]["runs"].values() for r in runs])
+    assert all("1 threads" in r["machine"] for runs in reports[2]["runs"].values() for r in runs)
+
+
+def test_a_failing_parallel_run_is_reported_and_the_others_are_kept(synth_root: Path, tmp_path: Path) -> None:
+    """One run of a --jobs experiment fails on bad input: its error reaches the caller, the run beside it finishes."""
+    from labelenc.experiments import Experiment, Row, RunSpec, run_experiment
+
+    raw = tiny_raw(synth_root, tmp_path / "failing")
+    raw["train"].update(base_iters=2, checkpoint_period=100, threads=1)
+    experiment = Experiment("two runs", (RunSpec("good", "baseline"),
+                                         RunSpec("bad", "baseline", overrides={"model.num_classes": 99})),
+                            (Row("good", "good"), Row("bad", "bad")))
+    with pytest.raises(UserError, match="model.num_classes=99"):
+        run_experiment(build_config(raw), experiment, [0], jobs=2)
+    assert (tmp_path / "failing" / "seed0" / "good" / SUMMARY).is_file()
+    assert not (tmp_path / "failing" / "seed0" / "bad" / SUMMARY).exists()
+
+
+def test_train_threads_applies_to_the_run_and_is_restored(tiny_pipeline_config) -> None:
+    """train.threads sets torch's CPU threads while the run trains (its summary says so), and not after it."""
+    from labelenc import runner
+
+    cfg = tiny_pipeline_config.model_copy(update={"train": tiny_pipeline_config.train.model_copy(
+        update={"threads": 2})})
+    before = torch.get_num_threads()
+    result = runner.train(cfg)
+    assert "2 threads" in json.loads((result.output_dir / SUMMARY).read_text())["machine"]
+    assert torch.get_num_threads() == before

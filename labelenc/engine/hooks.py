@@ -136,6 +136,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 class ProgressBar(Hook):
     """tqdm bar with ETA and running means of the loss terms (main process only)."""
 
+    position = 0  # terminal line of the bar; each worker of ``--jobs`` sets its own
+
     def __init__(self, description: str, window: int = 20) -> None:
         self.description, self.window = description, window
         self.bar: tqdm | None = None
@@ -144,7 +146,8 @@ class ProgressBar(Hook):
     def before_train(self, trainer: Trainer) -> None:
         if is_main_process():
             self.bar = tqdm(
-                total=trainer.max_iter, initial=trainer.iter, desc=self.description, dynamic_ncols=True, mininterval=1
+                total=trainer.max_iter, initial=trainer.iter, desc=self.description, dynamic_ncols=True, mininterval=1,
+                position=self.position,
             )
 
     def after_step(self, trainer: Trainer) -> None:
