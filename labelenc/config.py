@@ -166,6 +166,11 @@ class TrainConfig(_Strict):
         (2 / 3, 8 / 9), description="LR x0.1 at these fractions of the schedule."
     )
     grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm; None: no clipping.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the detector's weights (this decay per "
+        "iteration: about 1 - 1/(its horizon in iterations), e.g. 0.99 for a few hundred iterations, 0.9998 for "
+        "90k) and save and evaluate it instead of the last weights; None: the last weights.",
+    )
     max_bad_steps: int = Field(
         5, ge=1, description="Iterations with a non-finite loss are skipped; this many in a row end the run."
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from labelenc.config import Config, ConfigError, load_config, save_config
 from labelenc.data.coco import CocoDetection
@@ -34,7 +35,14 @@ from labelenc.engine.distributed import (
     is_main_process,
     local_device,
 )
-from labelenc.engine.hooks import LossWeights, LRScheduler, MetricsWriter, PeriodicCheckpoint, ProgressBar
+from labelenc.engine.hooks import (
+    LossWeights,
+    LRScheduler,
+    MetricsWriter,
+    PeriodicCheckpoint,
+    ProgressBar,
+    WeightAverage,
+)
 from labelenc.engine.optim import OPTIMIZERS
 from labelenc.engine.schedule import WarmupMultiStep, scaled_lr
 from labelenc.engine.trainer import Hook, Trainer, build_grad_scaler, move_to_device
@@ -230,14 +238,25 @@ def build_lr_scheduler(
     )
 
 
+def build_weight_average(cfg: Config, detector: nn.Module) -> AveragedModel | None:
+    """An exponential moving average of ``detector``'s parameters and buffers (BatchNorm statistics) with decay
+    ``train.ema_decay``, or None without one. Averaging smooths the last iterations' noise out of the weights."""
+    if cfg.train.ema_decay is None:
+        return None
+    return AveragedModel(detector, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+
+
 def default_hooks(
     cfg: Config, objective: Objective, scheduler: torch.optim.lr_scheduler.LRScheduler, checkpointer: Checkpointer,
-    description: str,
+    description: str, detector: nn.Module,
 ) -> list[Hook]:
-    """Loss-weight schedules, LR schedule, periodic checkpoints, metrics log and progress bar, in that order."""
+    """Loss-weight schedules, LR schedule, ``detector``'s weight average (with ``train.ema_decay``), periodic
+    checkpoints, metrics log and progress bar, in that order."""
+    average = checkpointer.average
     return [
         LossWeights(objective.weight_schedules),
         LRScheduler(scheduler),
+        *([WeightAverage(average, detector)] if average is not None else []),
         PeriodicCheckpoint(checkpointer, cfg.train.checkpoint_period, cfg.train.keep_checkpoints),
         MetricsWriter(checkpointer.output_dir, cfg.train.log_period),
         ProgressBar(description),
@@ -290,18 +309,20 @@ def train(
         extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
                  "category_ids": train_set.label_to_category[1:]}
         scaler = build_grad_scaler(cfg.train.amp, device)
-        checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler)
+        average = build_weight_average(cfg, detector) if recipe.trains_detector else None
+        checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler, average)
         start_iter = resume_or_start(checkpointer, resume)
         trainer = Trainer(
             wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
             build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
-            default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}"), cfg.train.grad_clip,
-            cfg.train.amp, cfg.train.max_bad_steps, scaler,
+            default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}", detector),
+            cfg.train.grad_clip, cfg.train.amp, cfg.train.max_bad_steps, scaler,
         )
         trainer.train(start_iter)
         save_outputs = objective.save_outputs if is_main_process() else None
         outputs = save_outputs(output_dir, extra["config"]) if save_outputs else {}
-        weights, metrics = _save_and_evaluate(cfg, run, detector, extra) if recipe.trains_detector else (None, {})
+        final = detector if average is None else average.module
+        weights, metrics = _save_and_evaluate(cfg, run, final, extra) if recipe.trains_detector else (None, {})
         this_process = time.perf_counter() - start_time
         wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
         if is_main_process():

@@ -127,7 +127,8 @@ def _encoder_meta(cfg: Config, class_names: list[str], image_backbone: bool = Tr
 def read_detector_weights(
     path: str | Path, cfg: Config, class_names: list[str], keys: tuple[str, ...], what: str = "weights"
 ) -> tuple[dict[str, Tensor], dict]:
-    """The detector state dict of a ``model_final.pth`` or ``checkpoint_*.pth``, and the model config it records.
+    """The detector state dict of a ``model_final.pth`` or ``checkpoint_*.pth`` (the weight average, when the run
+    kept one: what its ``model_final.pth`` holds), and the model config it records.
 
     Anything else (a label encoder, a run that trains no detector, a foreign file) is refused, and so is a file whose
     model config differs from ``cfg`` in ``keys`` or whose classes differ from ``class_names``: one error naming the
@@ -148,9 +149,12 @@ def read_detector_weights(
         differs.append(f"classes: {what} {state['class_names']}, data {class_names}")
     if differs:
         raise UserError(f"{path} does not fit the detector of this config: " + "; ".join(differs))
-    model_state = state["model"]
-    if state.get("kind") != "detector":  # a training checkpoint: keep the detector's part
-        model_state = {k[len("detector."):]: v for k, v in model_state.items() if k.startswith("detector.")}
+    if "weight_average" in state:  # a checkpoint of a run with train.ema_decay: its detector is the average
+        model_state = {k[len("module."):]: v for k, v in state["weight_average"].items() if k.startswith("module.")}
+    elif state.get("kind") != "detector":  # a training checkpoint: keep the detector's part
+        model_state = {k[len("detector."):]: v for k, v in state["model"].items() if k.startswith("detector.")}
+    else:
+        model_state = state["model"]
     return model_state, trained
 
 

@@ -18,6 +18,7 @@ from labelenc.errors import UserError
 from labelenc import runner
 from labelenc.models import build_detector
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY, evaluate, machine_description, train
+from labelenc.stages import read_detector_weights
 
 
 @pytest.mark.parametrize("family", ["fcos", "mask_rcnn"])
@@ -232,3 +233,36 @@ def test_adamw_takes_the_scaled_lr_weight_decay_and_bias_group(tiny_config) -> N
     assert plain["lr"] == biases["lr"] == pytest.approx(0.001)
     assert (plain["weight_decay"], biases["weight_decay"]) == (0.05, 0.0)
     assert type(runner.build_optimizer(tiny_config(), model)) is torch.optim.SGD
+
+
+def test_ema_decay_saves_and_evaluates_the_average_of_every_iterations_weights(tiny_config) -> None:
+    """With train.ema_decay the final weights are e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the weights after
+    every iteration (parameters and float buffers), not the last weights; the last checkpoint's detector is them too."""
+    decay = 0.6
+    cfg = tiny_config("fcos", train={"base_iters": 4, "checkpoint_period": 1, "ema_decay": decay})
+    result = train(cfg)
+    steps = [load_file(result.output_dir / f"checkpoint_{k:07d}.pth")["model"] for k in range(1, 5)]
+    final = load_file(result.weights)["model"]
+    raw_last = {k[len("detector."):]: v for k, v in steps[-1].items() if k.startswith("detector.")}
+    floats = [k for k, v in final.items() if v.is_floating_point()]
+    expected = {k: steps[0][f"detector.{k}"].clone() for k in floats}
+    for state in steps[1:]:
+        for k in floats:
+            expected[k] = decay * expected[k] + (1 - decay) * state[f"detector.{k}"]
+    for k in floats:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(final[k], raw_last[k]) for k in floats), "the final weights are the last ones"
+    from_checkpoint, _ = read_detector_weights(result.output_dir / "checkpoint_0000004.pth", cfg,
+                                               load_file(result.weights)["class_names"], ())
+    assert [k for k in final if not torch.equal(final[k], from_checkpoint[k])] == []
+
+
+def test_resume_restores_the_weight_average(tiny_config, tmp_path) -> None:
+    """A run with train.ema_decay resumed from its iteration-2 checkpoint ends on the uninterrupted run's weights."""
+    cfg = tiny_config(train={"base_iters": 4, "checkpoint_period": 2, "ema_decay": 0.5})
+    uninterrupted = load_file(train(cfg).weights)["model"]
+    for name in (FINAL_WEIGHTS, "checkpoint_0000004.pth", SUMMARY):
+        (Path(cfg.output_dir) / name).unlink()
+    (Path(cfg.output_dir) / "last_checkpoint").write_text("checkpoint_0000002.pth")
+    resumed = load_file(train(cfg, resume=True).weights)["model"]
+    assert [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])] == []

@@ -107,13 +107,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer, scheduler, iteration and RNG state of one run directory."""
+    """Saves and restores model, optimizer, scheduler, iteration and RNG state of one run directory, and the
+    detector's weight average when the run keeps one."""
 
     def __init__(
         self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict, start_time: float | None = None,
-        scaler: torch.amp.GradScaler | None = None,
+        scaler: torch.amp.GradScaler | None = None, average: nn.Module | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.average = average
         self.output_dir = Path(output_dir)
         self.extra = extra  # config, stage: recorded in every file
         self.start_time = time.perf_counter() if start_time is None else start_time  # this process's start
@@ -142,6 +144,7 @@ class Checkpointer:
                     "wall_time": self.wall_time(),
                     **({"scaler": self.scaler.state_dict()} if self.scaler is not None and self.scaler.is_enabled()
                        else {}),
+                    **({"weight_average": self.average.state_dict()} if self.average is not None else {}),
                     **self.extra,
                 },
                 path,
@@ -176,6 +179,8 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:  # resume refuses a changed train.ema_decay, so the checkpoint has one
+            self.average.load_state_dict(state["weight_average"])
         per_process = state.get("rng_per_process", [state["rng"]])
         if len(per_process) != get_world_size():
             logger.warning("%s was written by %d process(es), this run has %d: each process restarts from the RNG "

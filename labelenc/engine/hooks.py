@@ -1,5 +1,6 @@
 """The training loop's hooks, in the order :func:`labelenc.runner.default_hooks` installs them: loss-weight schedules,
-LR schedule, periodic checkpoints, metrics writer, progress bar (after detectron2's ``engine/hooks.py``)."""
+LR schedule, weight average, periodic checkpoints, metrics writer, progress bar (after detectron2's
+``engine/hooks.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from labelenc.engine.checkpoint import Checkpointer
@@ -41,6 +44,16 @@ class LossWeights(Hook):
         weights = unwrap(trainer.model).loss_weights
         for name, schedule in self.schedules.items():
             weights[name] = schedule(trainer.iter)
+
+
+class WeightAverage(Hook):
+    """Updates ``average`` (torch's ``AveragedModel`` of ``model``) after every iteration, before it is checkpointed."""
+
+    def __init__(self, average: AveragedModel, model: nn.Module) -> None:
+        self.average, self.model = average, model
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.average.update_parameters(self.model)
 
 
 class PeriodicCheckpoint(Hook):
