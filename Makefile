@@ -16,7 +16,7 @@ install: $(BIN)/labelenc
 # The main job: baseline 1x, baseline 2x, LabelEnc Step 1 and Step 2 on the embedded synthetic dataset.
 demo: install
 	$(BIN)/labelenc data synth --out data/synth --seed 0 --num-train 1024 --num-val 500 --min-object-size 32
-	$(BIN)/labelenc pipeline $(DEMO_CONFIG)
+	$(BIN)/labelenc pipeline $(DEMO_CONFIG) --jobs 2
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -22,12 +22,12 @@ EXAMPLES = {
     "check": "labelenc data check configs/demo_cpu.yaml\n  labelenc data check my_voc.yaml --strict\n"
     "  labelenc data check configs/demo_cpu.yaml data.strict=true",
     "train": "labelenc train configs/demo_cpu.yaml\n  labelenc train configs/demo_cpu.yaml --resume\n"
-    "  labelenc train configs/demo_cpu.yaml train.batch_size=4 output_dir=runs/b4\n"
+    "  labelenc train configs/demo_cpu.yaml train.batch_size=8 output_dir=runs/b8\n"
     "  labelenc train configs/demo_cpu.yaml --init-weights runs/demo/model_final.pth output_dir=runs/finetune",
     "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
     "step1": "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
-    "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2\n"
+    "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2 --jobs 2\n"
     "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
     "ablate": "labelenc ablate configs/demo_cpu.yaml --table 2\n"
     "  labelenc ablate configs/demo_cpu.yaml --table 3 --other-backbone resnet34\n"

@@ -41,7 +41,7 @@ ORDER = [
     "labelenc data check configs/african_wildlife_cpu.yaml",
     "labelenc train configs/demo_cpu.yaml",
     "labelenc train configs/demo_cpu.yaml --resume",
-    "labelenc train configs/demo_cpu.yaml train.batch_size=4 output_dir=runs/b4",
+    "labelenc train configs/demo_cpu.yaml train.batch_size=8 output_dir=runs/b8",
     "labelenc train configs/demo_cpu.yaml --init-weights runs/demo/model_final.pth output_dir=runs/finetune",
     "labelenc pipeline configs/demo_cpu.yaml",
     "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
@@ -49,7 +49,7 @@ ORDER = [
     "--out runs/demo/detector.onnx",
     "labelenc export configs/demo_cpu.yaml --weights runs/demo/seed0/step2/model_final.pth --format torchscript "
     "--out runs/demo/detector.pt",
-    "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2",
+    "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2 --jobs 2",
     "labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
     "labelenc pipeline configs/african_wildlife_cpu.yaml",
     "labelenc ablate configs/demo_cpu.yaml --table 4",
@@ -71,7 +71,7 @@ ORDER = [
 # What a run's files must show afterwards (a folder, or a file that must exist), beyond exit code 0.
 WRITES = {
     "labelenc train configs/demo_cpu.yaml": "runs/demo/model_final.pth",
-    "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2": "runs/demo/seed2/step2/run_summary.json",
+    "labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2 --jobs 2": "runs/demo/seed2/step2/run_summary.json",
     "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/s1/label_encoder.pth output_dir=runs/s2":
         "runs/s2/model_final.pth",
     "labelenc step1-recon configs/demo_cpu.yaml output_dir=runs/s1r": "runs/s1r/label_encoder.pth",
