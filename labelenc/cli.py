@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from labelenc.engine.distributed import shutdown_distributed
 from labelenc.errors import UserError, error_text
 from labelenc.stages import STAGES, Stage
 from labelenc.tables import TABLES
@@ -326,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("labelenc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown_distributed()
     return 0
 
 

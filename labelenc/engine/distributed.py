@@ -13,9 +13,17 @@ from labelenc.errors import UserError
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group started by ``torchrun`` (no-op for a single process)."""
+    """Join the process group started by ``torchrun`` (no-op for a single process); the process that joined calls
+    :func:`shutdown_distributed` before it exits."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (no-op without one). Left to interpreter exit, gloo's worker threads can outlive the
+    interpreter and abort a process whose run had finished ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:

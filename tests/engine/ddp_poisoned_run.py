@@ -14,7 +14,7 @@ import sys
 import torch
 
 from labelenc.config import load_config
-from labelenc.engine.distributed import all_gather_objects, get_rank, is_main_process
+from labelenc.engine.distributed import all_gather_objects, get_rank, is_main_process, shutdown_distributed
 from labelenc.runner import train
 from labelenc.stages import STAGES, Stage, register_stage
 
@@ -51,3 +51,4 @@ fingerprints = all_gather_objects(digest.hexdigest())
 if is_main_process():
     with open(report, "w") as f:
         json.dump({"fingerprints": fingerprints}, f)
+shutdown_distributed()
