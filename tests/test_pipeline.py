@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_raw
 
 from labelenc.config import build_config
@@ -178,3 +184,31 @@ def test_train_threads_applies_to_the_run_and_is_restored(tiny_pipeline_config) 
     result = runner.train(cfg)
     assert "2 threads" in json.loads((result.output_dir / SUMMARY).read_text())["machine"]
     assert torch.get_num_threads() == before
+
+
+def test_ctrl_c_during_jobs_is_one_message_and_the_rerun_resumes(synth_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group) while one worker trains the last run and the other
+    waits idle: exit 130 with one "interrupted" line and no worker traceback; the same command then resumes the
+    unfinished run and finishes."""
+    raw = tiny_raw(synth_root, tmp_path / "run")
+    raw["train"].update(base_iters=100, checkpoint_period=2, keep_checkpoints=1, threads=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "labelenc.cli", "pipeline", str(config), "--jobs", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    runs = tmp_path / "run" / "seed0"
+    deadline = time.monotonic() + 300
+    while not (runs / "step2" / SUMMARY).exists():  # Step 2 (100 iterations) ends before the 2x baseline (200)
+        assert proc.poll() is None and time.monotonic() < deadline, "step2 did not finish in time"
+        time.sleep(0.05)
+    assert not (runs / "baseline_2x" / SUMMARY).exists(), "the 2x baseline finished first: no idle worker"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("labelenc: interrupted") == 1, stderr[-3000:]
+    assert not (tmp_path / "run" / "report.md").exists()
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and (tmp_path / "run" / "report.md").is_file()
