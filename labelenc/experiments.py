@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -202,6 +203,14 @@ def _start_worker(threads: int, lock, lines) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tqdm.set_lock(lock)
     ProgressBar.position = lines.get()
+    signal.signal(signal.SIGINT, _stop_quietly)
+
+
+def _stop_quietly(signum: int, frame) -> None:
+    """Ctrl-C reaches every worker with the parent. A worker waiting for its next run would die with a traceback
+    of its own; it exits instead (one training a run stops it, and its last checkpoint stays for the rerun), and
+    the parent reports the interruption once."""
+    raise SystemExit(130)
 
 
 def _train_in_parallel(jobs: list[_Job], overwrite: bool, processes: int) -> dict[tuple[str, int], dict]:

@@ -203,6 +203,7 @@ def test_ctrl_c_during_jobs_is_one_message_and_the_rerun_resumes(synth_root: Pat
     while not (runs / "step2" / SUMMARY).exists():  # Step 2 (100 iterations) ends before the 2x baseline (200)
         assert proc.poll() is None and time.monotonic() < deadline, "step2 did not finish in time"
         time.sleep(0.05)
+    time.sleep(1.0)  # past the end of Step 2's job: its worker now waits for another
     assert not (runs / "baseline_2x" / SUMMARY).exists(), "the 2x baseline finished first: no idle worker"
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
