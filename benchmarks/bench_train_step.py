@@ -1,8 +1,9 @@
 """Training-step cost of LabelEnc vs the plain detector: Baseline, Step 1 and Step 2 on the same batches.
 
-Times full training iterations (forward + backward + SGD step, through the package's own ``Trainer.run_step``) of the
-registered stages (``labelenc.stages.STAGES``: baseline, Step 1, Step 2 towards an untrained h written by Step 1),
-each built by its own recipe around a freshly built detector with the same initialisation, on the same batches, with
+Times full training iterations (forward + backward + optimizer step, through the package's own
+``Trainer.run_step``) of the registered stages (``labelenc.stages.STAGES``: baseline, Step 1, Step 2 towards an
+untrained h written by Step 1), each built by its own recipe around a freshly built detector with the same
+initialisation, on the same batches, with
 the run's optimizer, LR schedule and loss-weight schedules. Reports the median
 ms/iteration over ``--iters`` timed iterations after ``--warmup`` untimed ones, the ratio to the baseline of the same
 run, peak memory, and parameter counts (trainable, and of the exported detector, which must be identical for all
@@ -219,7 +220,7 @@ class VariantRun:
         for hook in self.trainer.hooks:  # the loss weights of this iteration
             hook.before_step(self.trainer)
         batch = self.on_device[len(self.ms) % len(self.on_device)]  # the one run_step takes from the cycle
-        self.trainer.run_step(self.data)  # forward, backward, SGD step; .item() of the losses syncs CUDA
+        self.trainer.run_step(self.data)  # forward, backward, optimizer step; .item() of the losses syncs CUDA
         self.trainer.iter += 1
         metrics = self.trainer.metrics
         self.ms.append((metrics["time"] - metrics["data_time"]) * 1e3)
@@ -430,7 +431,8 @@ def main() -> None:
     print("\nnotes: Step-1 is timed with λ2=1; its first step1_warmup x base_iters iterations (λ2=0, no adaption net "
           "and no L_dis) cost the 'warm-up' row, and Step 2's last distance_cutoff fraction (λ=0) costs the baseline. "
           "Step 2 uses an untrained h (same cost as a trained one). Times are Trainer.run_step compute time "
-          "(forward + backward + SGD step, batch already on the device), median; LR is the schedule's first value.")
+          "(forward + backward + the config's optimizer step, batch already on the device), median; LR is the "
+          "schedule's first value.")
     if device.type == "cuda":
         print("CUDA memory: torch.cuda.max_memory_allocated of each variant (model, optimizer state, batches, "
               "activations; not the CUDA context)")
