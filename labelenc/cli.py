@@ -28,7 +28,8 @@ EXAMPLES = {
     "eval": "labelenc eval configs/demo_cpu.yaml --weights runs/demo/seed0/baseline_1x/model_final.pth",
     "step1": "labelenc step1 configs/demo_cpu.yaml output_dir=runs/step1",
     "step2": "labelenc step2 configs/demo_cpu.yaml --label-encoder runs/step1/label_encoder.pth output_dir=runs/step2",
-    "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2 --jobs 2\n"
+    "pipeline": "labelenc pipeline configs/demo_cpu.yaml\n"
+    "  labelenc pipeline configs/demo_cpu.yaml --seeds 0,1,2 --jobs 2\n"
     "  labelenc pipeline configs/demo_cpu.yaml --skip-baselines --label-encoder runs/demo/seed0/step1/label_encoder.pth",
     "ablate": "labelenc ablate configs/demo_cpu.yaml --table 2\n"
     "  labelenc ablate configs/demo_cpu.yaml --table 3 --other-backbone resnet34\n"
