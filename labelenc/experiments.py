@@ -246,6 +246,8 @@ def _train_in_parallel(jobs: list[_Job], overwrite: bool, processes: int) -> dic
                 job = running.pop(future)
                 try:
                     done[job.key] = future.result()
+                except SystemExit:  # the worker was stopped by Ctrl-C (_stop_quietly): stop here too, whichever
+                    raise KeyboardInterrupt from None  # of the two processes saw the signal first
                 except Exception as err:  # noqa: BLE001 - re-raised below, once the running jobs are kept
                     if failure is None and running:
                         logger.error("%s failed; waiting for the %d run(s) still training", job.cfg.output_dir,
