@@ -72,6 +72,13 @@ class ModelConfig(_Strict):
         "defaults (32..512, sized for 800-pixel images). FCOS places points by stride and takes none.",
     )
     detections_per_image: int = Field(100, ge=1)
+    detector_kwargs: dict[str, bool | int | float] = Field(
+        default_factory=dict,
+        description="Further numeric settings of torchvision's detector constructor, by its own keyword names: "
+        "e.g. Faster R-CNN's box_batch_size_per_image or rpn_post_nms_top_n_test (torchvision's defaults are sized "
+        "for 800-pixel images), RetinaNet's fg_iou_thresh, FCOS's center_sampling_radius. Only keywords whose "
+        "default is a number or a bool; those set by other model fields (sizes, detections per image) are refused.",
+    )
     channels_last: bool = Field(False, description="Train in channels-last memory format (faster convolutions "
                                 "on recent GPUs with AMP); the weights are the same.")
 

@@ -111,7 +111,8 @@ def test_eval_of_missing_weights_exits_2_naming_them(config_path: Path, tmp_path
 
 
 @pytest.mark.parametrize("override, key", [("model.anchor_sizes=[8,16]", "model.anchor_sizes"),
-                                           ("model.trainable_layers=6", "model.trainable_layers")])
+                                           ("model.trainable_layers=6", "model.trainable_layers"),
+                                           ("model.detector_kwargs.fg_iou=0.6", "model.detector_kwargs.fg_iou")])
 def test_model_value_the_detector_cannot_use_exits_2(config_path: Path, tmp_path: Path, override: str, key: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A model value the schema admits but the detector cannot build with is one error line naming the key, exit 2."""

@@ -12,8 +12,9 @@ of ``{"boxes", "scores", "labels"[, "masks"]}`` per image in input-image coordin
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -66,6 +67,12 @@ class DetectorFamily:
         """Anchor sizes of one level from its base size (one scale by default)."""
         return (size,)
 
+    def constructor_settings(self) -> dict[str, bool | int | float]:
+        """The keywords of torchvision's detector constructor that ``model.detector_kwargs`` may set, with their
+        defaults: those with a number or bool default, less the ones other model fields set."""
+        return {name: default for name, default in _numeric_keywords(self.detector).items()
+                if name not in ("min_size", "max_size", self.detections_arg)}
+
     def head_norm(self, cfg: ModelConfig) -> str:
         """The head normalisation that ``cfg`` builds: ``model.head_norm``, or torchvision's default when unset."""
         return cfg.head_norm if cfg.head_norm is not None else self.head_norms[0]
@@ -100,9 +107,26 @@ class DetectorFamily:
         if cfg.fpn_channels % multiple:
             errors.append(f"model.fpn_channels must be a multiple of {multiple} for {self.name} with head_norm "
                           f"{self.head_norm(cfg)!r} (its head uses GroupNorm({multiple}))")
+        errors += self._detector_kwargs_errors(cfg.detector_kwargs)
         if cfg.p6_from not in self.p6_sources:
             errors.append(f"model.p6_from={cfg.p6_from!r} does not apply to {self.name} (allowed: "
                           f"{', '.join(self.p6_sources)})")
+        return errors
+
+    def _detector_kwargs_errors(self, detector_kwargs: dict[str, bool | int | float]) -> list[str]:
+        allowed, errors = self.constructor_settings(), []
+        for name, value in detector_kwargs.items():
+            own_field = {"min_size": "model.min_size", "max_size": "model.max_size",
+                         self.detections_arg: "model.detections_per_image"}.get(name)
+            if own_field:
+                errors.append(f"model.detector_kwargs.{name}: set it with {own_field}")
+            elif name not in allowed:
+                errors.append(f"model.detector_kwargs.{name} is not a numeric setting of torchvision's "
+                              f"{self.detector.__name__} (allowed: {', '.join(sorted(allowed))})")
+            elif type(value) is not type(allowed[name]) and not (type(allowed[name]) is float and type(value) is int):
+                kind = {bool: "true or false", int: "an integer", float: "a number"}[type(allowed[name])]
+                errors.append(f"model.detector_kwargs.{name} must be {kind} like its default {allowed[name]!r}, "
+                              f"got {value!r}")
         return errors
 
     def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -114,7 +138,7 @@ class DetectorFamily:
                                   list(self.returned_layers), cfg.fpn_channels, self.extra_blocks, cfg.download,
                                   cfg.frozen_bn, cfg.p6_from)
         kwargs: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size,
-                                  self.detections_arg: cfg.detections_per_image}
+                                  self.detections_arg: cfg.detections_per_image, **cfg.detector_kwargs}
         if cfg.anchor_sizes is not None:
             sizes = tuple(self.anchor_scales(s) for s in cfg.anchor_sizes)
             kwargs[self.anchor_generator_arg] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * self.num_levels)
@@ -133,6 +157,18 @@ class DetectorFamily:
         torchvision's, called exactly as the model's own ``forward`` calls them.
         """
         raise NotImplementedError
+
+
+@cache
+def _numeric_keywords(detector: type[nn.Module]) -> dict[str, bool | int | float]:
+    """Keyword parameters with a number or bool default of ``detector``'s constructor and the ones it forwards
+    ``**kwargs`` to (MaskRCNN to FasterRCNN)."""
+    keywords: dict[str, bool | int | float] = {}
+    for cls in reversed(detector.__mro__):
+        if "__init__" in vars(cls):
+            keywords.update({name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                             if type(p.default) in (bool, int, float)})
+    return keywords
 
 
 class _OneStage(DetectorFamily):

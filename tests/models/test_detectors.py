@@ -359,3 +359,41 @@ def test_build_refuses_an_unvalidated_head_norm(tiny_config) -> None:
     cfg = tiny_config().model.model_copy(update={"head_norm": "group"})  # 16 channels
     with pytest.raises(ValueError, match="multiple of 32 for retinanet"):
         build_detector(cfg, NUM_CLASSES)
+
+
+def test_detector_kwargs_reach_torchvisions_constructor(tiny_config, batch) -> None:
+    """model.detector_kwargs set torchvision's own sampling sizes: Faster R-CNN then samples that many RoIs per image
+    in training and keeps that many RPN proposals in evaluation; Mask R-CNN takes them too (forwarded by torchvision)."""
+    torch.manual_seed(0)
+    settings = {"box_batch_size_per_image": 8, "rpn_post_nms_top_n_test": 5}
+    for family in ("faster_rcnn", "mask_rcnn"):
+        model = build_detector(tiny_config(family, model={"detector_kwargs": settings}).model, NUM_CLASSES)
+        images, targets = model.transform(batch[0], _targets_for(family, batch[1]))
+        features = model.backbone(images.tensors)
+        model.train()
+        proposals, _ = model.rpn(images, features, targets)
+        sampled, *_ = model.roi_heads.select_training_samples(proposals, targets)
+        assert [len(p) for p in sampled] == [8, 8]
+        model.eval()
+        with torch.no_grad():
+            proposals, _ = model.rpn(images, features)
+        assert max(len(p) for p in proposals) == 5
+    fcos = build_detector(tiny_config("fcos", model={"detector_kwargs": {"center_sampling_radius": 2}}).model, 3)
+    assert fcos.center_sampling_radius == 2  # an int where torchvision's default is a float
+
+
+@pytest.mark.parametrize("family, settings, message", [
+    ("faster_rcnn", {"box_batch_size": 8}, r"model.detector_kwargs.box_batch_size is not a numeric setting of "
+                                            r"torchvision's FasterRCNN \(allowed: box_batch_size_per_image, "),
+    ("fcos", {"box_batch_size_per_image": 8}, "is not a numeric setting of torchvision's FCOS"),
+    ("retinanet", {"min_size": 32}, "model.detector_kwargs.min_size: set it with model.min_size"),
+    ("faster_rcnn", {"box_detections_per_img": 5}, "box_detections_per_img: set it with model.detections_per_image"),
+    ("faster_rcnn", {"box_batch_size_per_image": 8.5}, "box_batch_size_per_image must be an integer like its "
+                                                       "default 512, got 8.5"),
+    ("retinanet", {"topk_candidates": True}, "topk_candidates must be an integer like its default 1000, got True"),
+])
+def test_detector_kwargs_torchvision_does_not_take_are_refused(family, settings, message, tiny_config) -> None:
+    """A name the family's constructor lacks, one set by another model field, or a value of the wrong type is a
+    ConfigError naming the key (torchvision would raise a bare TypeError, or silently accept 8.5 RoIs)."""
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(family, model={"detector_kwargs": settings})
