@@ -83,6 +83,11 @@ def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline
     half = 12.706 * abs(differences[0] - differences[1]) / 2 ** 0.5 / 2 ** 0.5
     assert (first["low"], first["high"]) == (pytest.approx(first["mean"] - half), pytest.approx(first["mean"] + half))
     assert f"| LabelEnc − baseline 2x | AP |" in markdown and first["verdict"] in markdown
+    schedule = report["comparisons"][2]  # how near convergence the baselines are: what doubling the schedule adds
+    assert (schedule["method"], schedule["reference"]) == ("baseline 2x", "baseline 1x")
+    assert schedule["differences"] == pytest.approx([a - b for a, b in zip(
+        report["rows"]["baseline 2x"]["per_seed"]["AP"], report["rows"]["baseline 1x"]["per_seed"]["AP"])])
+    assert "| baseline 2x − baseline 1x | AP |" in markdown and "the paper compares where that is 0 to 0.9" in markdown
     assert f"Trained on: {report['runs']['baseline_1x'][0]['machine']} (8 runs).\n" in markdown
 
 
