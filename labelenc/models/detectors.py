@@ -67,11 +67,16 @@ class DetectorFamily:
         """Anchor sizes of one level from its base size (one scale by default)."""
         return (size,)
 
+    def own_fields(self) -> dict[str, str]:
+        """Constructor keywords that other model fields set, with the field that sets each."""
+        return {"min_size": "model.min_size", "max_size": "model.max_size",
+                self.detections_arg: "model.detections_per_image"}
+
     def constructor_settings(self) -> dict[str, bool | int | float]:
         """The keywords of torchvision's detector constructor that ``model.detector_kwargs`` may set, with their
-        defaults: those with a number or bool default, less the ones other model fields set."""
+        defaults: those with a number or bool default, less :meth:`own_fields`."""
         return {name: default for name, default in _numeric_keywords(self.detector).items()
-                if name not in ("min_size", "max_size", self.detections_arg)}
+                if name not in self.own_fields()}
 
     def head_norm(self, cfg: ModelConfig) -> str:
         """The head normalisation that ``cfg`` builds: ``model.head_norm``, or torchvision's default when unset."""
@@ -114,10 +119,9 @@ class DetectorFamily:
         return errors
 
     def _detector_kwargs_errors(self, detector_kwargs: dict[str, bool | int | float]) -> list[str]:
-        allowed, errors = self.constructor_settings(), []
+        allowed, own_fields, errors = self.constructor_settings(), self.own_fields(), []
         for name, value in detector_kwargs.items():
-            own_field = {"min_size": "model.min_size", "max_size": "model.max_size",
-                         self.detections_arg: "model.detections_per_image"}.get(name)
+            own_field = own_fields.get(name)
             if own_field:
                 errors.append(f"model.detector_kwargs.{name}: set it with {own_field}")
             elif name not in allowed:
