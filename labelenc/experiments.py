@@ -35,7 +35,7 @@ from labelenc.stats import mean_std, paired_difference
 
 logger = logging.getLogger(__name__)
 
-NOT_DETECTION = {"iteration", "loss", "lr", "time", "data_time", "feature_distance"}
+NOT_DETECTION = {"iteration", "loss", "lr", "time", "data_time", "skipped", "grad_norm", "feature_distance"}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from conftest import tiny_raw
 from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
 from labelenc.errors import UserError
+from labelenc.experiments import _detection_loss
 from labelenc.pipeline import run_pipeline
 from labelenc.runner import FINAL_WEIGHTS, SUMMARY, machine_description
 from labelenc.stages import LABEL_ENCODER
@@ -56,6 +57,15 @@ def test_pipeline_runs_all_four_and_reports(tiny_pipeline_config, capsys: pytest
         assert 0.0 <= ap <= 100.0
         assert f"{ap:.1f}" in markdown.split(f"| {row} |")[1].splitlines()[0]
     assert "| LabelEnc |" in capsys.readouterr().out
+
+
+def test_the_loss_curves_sum_the_detection_terms_only() -> None:
+    """The picture's loss of a metrics record: detection terms, not the gradient norm, skipped fraction, LR, timing,
+    the distance or Step 1's reconstruction terms."""
+    record = {"iteration": 20, "classification": 0.25, "bbox_regression": 0.5, "reconstruction_classification": 2.0,
+              "feature_distance": 3.0, "loss": 5.75, "lr": 0.1, "time": 0.3, "data_time": 0.1, "skipped": 0.05,
+              "grad_norm": 40.0}
+    assert _detection_loss(record) == 0.75
 
 
 def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline_config) -> None:

@@ -166,7 +166,7 @@ class ProgressBar(Hook):
     def after_step(self, trainer: Trainer) -> None:
         if self.bar is None:
             return
-        skip = {"lr", "time", "data_time", "skipped"}
+        skip = {"lr", "time", "data_time", "skipped", "grad_norm"}
         for k, v in trainer.metrics.items():
             if k not in skip:
                 self.recent.setdefault(k, deque(maxlen=self.window)).append(v)

@@ -9,6 +9,7 @@ needs to know which.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 
@@ -122,10 +123,11 @@ class Trainer:
         bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
         if any_process(bool(bad), loss.device) and not bad:  # all processes skip together, or DDP would hang
             bad = ["loss on another process"]
-        overflow = False
+        overflow, grad_norm = False, float("nan")
         if not bad:
             self.scaler.scale(loss).backward()
-            overflow = not self._clip_gradients()  # gradients are all-reduced: every process sees the same
+            grad_norm = self._clip_gradients()  # gradients are all-reduced: every process sees the same
+            overflow = not math.isfinite(grad_norm)
             bad = ["gradient norm"] if overflow and not self.scaler.is_enabled() else []
         if bad:
             self._skip_step(bad, loss_dict)
@@ -144,20 +146,17 @@ class Trainer:
             time=time.perf_counter() - start,
             data_time=data_time,
             skipped=float(bool(bad) or overflow),
+            grad_norm=grad_norm,
         )
 
-    def _clip_gradients(self) -> bool:
-        """Unscale (fp16), clip to ``grad_clip``; False when the gradients are not finite. Without clipping or a
-        scaler the check is skipped, as a non-finite loss is caught before the backward pass."""
-        if self.grad_clip is None and not self.scaler.is_enabled():
-            return True
+    def _clip_gradients(self) -> float:
+        """Unscale (fp16), clip to ``grad_clip``; return the global gradient norm before clipping (logged: a loss
+        spike shows there first, and it tells what ``grad_clip`` to set). Not finite: the step must be skipped."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        return bool(torch.isfinite(norm))
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip).item()
+        return torch.nn.utils.get_total_norm([p.grad for p in params]).item()
 
     def _skip_step(self, bad: list[str], loss_dict: dict[str, torch.Tensor]) -> None:
         """Leave the weights untouched for a non-finite step; end the run after too many in a row."""

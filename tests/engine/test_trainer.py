@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,16 +87,20 @@ class Record(Hook):
 @pytest.mark.parametrize("clip", [0.5, 1e6], ids=["clipping", "norm_below_limit"])
 def test_grad_clip_limits_the_global_gradient_norm(clip: float) -> None:
     """With grad_clip the SGD update is the unclipped one scaled to norm ``clip`` (unchanged below the limit)."""
-    updates = {}
+    updates, logged = {}, {}
     for name, limit in [("free", None), ("clipped", clip)]:
         model = Toy()
         before = params_of(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        Trainer(model, optimizer, toy_batches(), 1, CPU, grad_clip=limit).train()
+        trainer = Trainer(model, optimizer, toy_batches(), 1, CPU, grad_clip=limit)
+        trainer.train()
         after = params_of(model)
         updates[name] = torch.cat([(after[k] - before[k]).flatten() for k in before])
+        logged[name] = trainer.metrics["grad_norm"]
     free_norm = updates["free"].norm()
     assert free_norm > 4 * 0.5  # the first case really has to clip
+    # the logged norm is the gradient's before clipping (SGD, lr 1: the free update is minus the gradient)
+    assert logged["free"] == pytest.approx(free_norm.item(), rel=1e-5) == logged["clipped"]
     if clip < free_norm:
         assert updates["clipped"].norm() == pytest.approx(clip, rel=1e-4)
         torch.testing.assert_close(updates["clipped"], updates["free"] * clip / free_norm, rtol=1e-4, atol=1e-7)
@@ -120,6 +125,30 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(bad: float) -> None:
         assert all_equal(later, params)
     buffers = [s["momentum_buffer"] for s in optimizer.state_dict()["state"].values()]
     assert all(torch.equal(b, s["momentum_buffer"]) for b, s in zip(buffers, opt_state["state"].values()))
+
+
+class InfiniteGradientToy(Toy):
+    """A finite loss whose gradient is not finite (sqrt at 0) from the second call on."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        calls = self.calls
+        losses = super().forward(images, targets)
+        if calls >= 1:
+            losses["loss_sqrt"] = (self.bias - self.bias.detach()).sqrt()
+        return losses
+
+
+def test_a_non_finite_gradient_is_skipped_without_clipping_too(caplog: pytest.LogCaptureFixture) -> None:
+    """A finite loss with a non-finite gradient leaves the weights untouched, clipping or not, and says why."""
+    model = InfiniteGradientToy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = Record(lambda t: (params_of(t.model), t.metrics["skipped"], t.metrics["grad_norm"]))
+    Trainer(model, optimizer, toy_batches(), 3, CPU, hooks=[seen], max_bad_steps=3).train()
+    (first, skip0, norm0), (second, skip1, norm1), (third, skip2, _) = seen.seen
+    assert (skip0, skip1, skip2) == (0.0, 1.0, 1.0) and norm0 > 0 and not math.isfinite(norm1)
+    assert all(torch.isfinite(p).all() for p in third.values())
+    assert all_equal(first, second) and all_equal(second, third)
+    assert "non-finite gradient norm" in caplog.text
 
 
 class FlakyToy(Toy):
