@@ -27,6 +27,7 @@ from labelenc.config import Config, ConfigError, build_config, load_config
 from labelenc.data.loader import build_datasets
 from labelenc.engine.distributed import get_world_size
 from labelenc.engine.hooks import read_metrics
+from labelenc.engine.trainer import STEP_STATS
 from labelenc.errors import UserError
 from labelenc.fileio import write_atomic, write_json_atomic, write_text_atomic
 from labelenc.models import FAMILIES
@@ -35,7 +36,7 @@ from labelenc.stats import mean_std, paired_difference
 
 logger = logging.getLogger(__name__)
 
-NOT_DETECTION = {"iteration", "loss", "lr", "time", "data_time", "skipped", "grad_norm", "feature_distance"}
+NOT_DETECTION = {"iteration", "loss", "feature_distance", *STEP_STATS}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from labelenc.engine.checkpoint import Checkpointer
 from labelenc.engine.distributed import get_world_size, is_main_process, unwrap
-from labelenc.engine.trainer import BatchError, Hook, Trainer
+from labelenc.engine.trainer import STEP_STATS, BatchError, Hook, Trainer
 from labelenc.fileio import write_text_atomic
 
 
@@ -166,9 +166,8 @@ class ProgressBar(Hook):
     def after_step(self, trainer: Trainer) -> None:
         if self.bar is None:
             return
-        skip = {"lr", "time", "data_time", "skipped", "grad_norm"}
         for k, v in trainer.metrics.items():
-            if k not in skip:
+            if k not in STEP_STATS:
                 self.recent.setdefault(k, deque(maxlen=self.window)).append(v)
         shown = {k: f"{sum(v) / len(v):.3f}" for k, v in self.recent.items() if not math.isnan(v[-1])}
         self.bar.set_postfix(shown, refresh=False)

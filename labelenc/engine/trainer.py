@@ -21,6 +21,9 @@ from labelenc.errors import UserError, error_text
 
 logger = logging.getLogger(__name__)
 
+# what run_step records beside the loss terms (and the summed "loss")
+STEP_STATS = frozenset({"lr", "time", "data_time", "skipped", "grad_norm"})
+
 
 def move_to_device(batch: tuple[list, list], device: torch.device) -> tuple[list, list]:
     """Images and target dicts onto ``device`` (the one place where data changes device)."""
