@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from labelenc.config import Config, build_config
+from labelenc.data.loader import build_datasets, build_train_loader
 from labelenc.data.synth import generate_synthetic_dataset
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and lose a lot on a loaded machine
@@ -108,3 +109,25 @@ def run_killed_then_resumed(command: list[str], output_dir: Path, env: dict[str,
     assert not (output_dir / "model_final.pth").exists(), "the run finished before it was killed"
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+
+
+def image_first_read_at(cfg: Config, iteration: int, rank: int = 0, world_size: int = 1) -> Path:
+    """A training image that process ``rank`` of ``world_size`` reads at ``iteration`` and no process reads before."""
+    train_set, _ = build_datasets(cfg, with_masks=False)
+
+    def image_ids(start: int, rank: int, world_size: int) -> list[int]:
+        _, targets = next(iter(build_train_loader(train_set, cfg, start, rank, world_size)))
+        return [int(t["image_id"]) for t in targets]
+
+    read_before = {i for it in range(iteration) for i in image_ids(it, 0, 1)}
+    unread = [i for i in image_ids(iteration, rank, world_size) if i not in read_before]
+    assert unread, f"every image of process {rank}'s batch {iteration} is read earlier"
+    return train_set.image_dir / train_set.coco.imgs[unread[0]]["file_name"]
+
+
+def truncate_image(path: Path) -> bytes:
+    """Cut an image after its header (the run-start check reads headers only, so only decoding fails); returns the
+    original bytes."""
+    original = path.read_bytes()
+    path.write_bytes(original[:100])
+    return original

@@ -60,6 +60,12 @@ def all_gather_objects(obj: object) -> list[object]:
     return gathered
 
 
+def barrier() -> None:
+    """Wait until every process gets here (e.g. before exiting, so the main one can finish writing a file)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from labelenc.engine.checkpoint import Checkpointer
-from labelenc.engine.distributed import get_world_size, is_main_process, unwrap
+from labelenc.engine.distributed import barrier, is_main_process, unwrap
 from labelenc.engine.trainer import STEP_STATS, BatchError, Hook, Trainer
 from labelenc.fileio import write_text_atomic
 
@@ -78,8 +78,9 @@ class PeriodicCheckpoint(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         error = trainer.error
-        if isinstance(error, BatchError) and error.iteration > 0 and get_world_size() == 1:  # others may be mid-step
+        if isinstance(error, BatchError) and error.iteration > 0:  # every process stopped before that iteration
             path = self.checkpointer.save(f"checkpoint_{error.iteration:07d}", error.iteration)
+            barrier()  # no process exits (and has torchrun stop the others) before the main one has written it
             error.args = (f"{error}; its state is saved in {path}: fix or remove the file, then rerun the same "
                           "command with --resume",)
 

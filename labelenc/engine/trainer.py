@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from labelenc.engine.distributed import any_process, mean_over_processes
+from labelenc.engine.distributed import all_gather_objects, any_process, mean_over_processes
 from labelenc.errors import UserError, error_text
 
 logger = logging.getLogger(__name__)
@@ -113,11 +113,7 @@ class Trainer:
     def run_step(self, data_iter: Iterator) -> None:
         self.model.train()
         start = time.perf_counter()
-        try:
-            batch = next(data_iter)
-        except UserError as err:  # nothing of this iteration has run: the state is that of the previous one
-            raise BatchError(f"{error_text(err)}; training stopped before iteration {self.iter}", self.iter) from None
-        images, targets = move_to_device(batch, self.device)
+        images, targets = move_to_device(self._next_batch(data_iter), self.device)
         data_time = time.perf_counter() - start
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss_dict = self.model(images, targets)
@@ -152,6 +148,19 @@ class Trainer:
             skipped=float(bool(bad) or overflow),
             grad_norm=grad_norm,
         )
+
+    def _next_batch(self, data_iter: Iterator) -> tuple[list, list]:
+        """The next batch. If any process cannot read its share, every process stops before this iteration with
+        that reader's message: all are then in the state after the previous iteration, which the checkpoint hook
+        saves (one process stopping alone would leave the others waiting in DDP's all-reduce)."""
+        try:
+            batch, failure = next(data_iter), None
+        except UserError as err:
+            batch, failure = None, error_text(err)
+        if any_process(failure is not None, self.device):
+            failure = next(f for f in all_gather_objects(failure) if f is not None)
+            raise BatchError(f"{failure}; training stopped before iteration {self.iter}", self.iter)
+        return batch
 
     def _clip_gradients(self) -> float:
         """Unscale (fp16), clip to ``grad_clip``; return the global gradient norm before clipping (logged: a loss

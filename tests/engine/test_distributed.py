@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_killed_then_resumed, tiny_raw
+from conftest import image_first_read_at, run_killed_then_resumed, tiny_raw, truncate_image
 
 from labelenc.config import build_config
 from labelenc.engine.checkpoint import load_file
@@ -97,3 +98,30 @@ def test_two_process_kill_and_resume_equals_an_uninterrupted_run(synth_root: Pat
     checkpoint = load_file(tmp_path / "killed" / "checkpoint_0000008.pth")
     assert len(checkpoint["rng_per_process"]) == 2
     assert not torch.equal(checkpoint["rng_per_process"][0]["torch"], checkpoint["rng_per_process"][1]["torch"])
+
+
+def test_an_unreadable_image_on_one_process_stops_both_after_saving_the_state(synth_root: Path, tmp_path: Path) -> None:
+    """An image only process 1 reads, at iteration 2, stops both processes together (no hang, no lost work): the
+    error names the file and a checkpoint of iteration 2, and --resume after fixing the file finishes the run."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    raw = tiny_raw(data, tmp_path / "run")
+    raw["train"].update(base_iters=4, batch_size=4, checkpoint_period=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    image = image_first_read_at(build_config(raw), 2, rank=1, world_size=2)
+    original = truncate_image(image)
+    command = _torchrun("-m", "labelenc.cli", "train", str(config))
+    failed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    checkpoint = tmp_path / "run" / "checkpoint_0000002.pth"
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("labelenc: error:")]
+    assert errors and "[rank0]: Traceback" not in failed.stderr, failed.stderr[-3000:]  # rank 0 used to die in gloo
+    assert all(f"cannot read image {image}" in e and f"saved in {checkpoint}" in e for e in errors)
+    assert load_file(checkpoint)["iteration"] == 2
+
+    image.write_bytes(original)
+    done = subprocess.run([*command, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw
+from conftest import image_first_read_at, tiny_raw, truncate_image
 from torch import Tensor, nn
 
 from labelenc.artifact import build_label_encoder, encoder_metadata
@@ -20,7 +20,7 @@ from labelenc.data.loader import build_datasets, build_train_loader
 from labelenc.engine.checkpoint import Checkpointer, load_file
 from labelenc.engine.hooks import LossWeights, LRScheduler, PeriodicCheckpoint
 from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
-from labelenc.engine.trainer import Hook, NonFiniteLossError, Trainer
+from labelenc.engine.trainer import BatchError, Hook, NonFiniteLossError, Trainer
 from labelenc.method import Step1
 from labelenc.models import build_detector
 from labelenc.runner import RunDirError, RunResult, train
@@ -349,6 +349,33 @@ def test_resume_equals_an_uninterrupted_run(finished_run, tmp_path: Path, family
     assert [r["iteration"] for r in resumed_lines] == [1, 2, 3, 4]
     assert [untimed(r) for r in resumed_lines] == [untimed(r) for r in lines]
     assert (out / "last_checkpoint").read_text() == "checkpoint_0000004.pth"
+
+
+def test_an_unreadable_image_mid_run_saves_the_state_before_it_and_resume_loses_nothing(
+    finished_run, synth_root: Path, tmp_path: Path
+) -> None:
+    """An image that cannot be decoded at iteration 3 stops the run with its path and a checkpoint of iteration 3;
+    once the file is fixed, --resume ends with the weights of a run that never failed."""
+    _, uninterrupted = finished_run("retinanet")
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    cfg = make_config(data, tmp_path / "run", train=BASELINE)
+    image = image_first_read_at(cfg, 3)
+    original = truncate_image(image)
+    with pytest.raises(BatchError) as info:
+        train(cfg, "baseline")
+    message = str(info.value)
+    assert f"cannot read image {image}" in message and "before iteration 3" in message
+    assert f"saved in {tmp_path / 'run' / 'checkpoint_0000003.pth'}" in message and "--resume" in message
+    assert load_file(tmp_path / "run" / "checkpoint_0000003.pth")["iteration"] == 3
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+    image.write_bytes(original)
+    resumed = train(cfg, "baseline", resume=True)
+    ours, theirs = final_state(resumed), final_state(uninterrupted)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    lines = [untimed(r) for r in read_metrics(tmp_path / "run")]
+    assert lines == [untimed(r) for r in read_metrics(uninterrupted.output_dir)]
 
 
 @pytest.mark.parametrize("state", ["finished", "interrupted"])
