@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 import torchvision
-from _common import machine_info
+from _common import machine_header, machine_info
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from labelenc.config import load_config
@@ -219,9 +219,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info(torch.device(args.device))
-    print(f"machine {info['node']} ({info['processor']}, {info['cpus']} CPUs, load avg {info['loadavg_1min']}), "
-          f"torch {info['torch']}, threads {info['threads']}, device {info['device']}, {info['date']}; "
-          f"command: {info['command']}\n")
+    print(machine_header(info) + "\n")
     check_against_torchvision()
     padding_table(args.images, args.batches, args.seed)
     if not args.skip_step:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine_info
+from _common import machine_header, machine_info
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -199,9 +199,7 @@ def main() -> None:
                              "compact_ms": ms_c, "runs": f"{runs_d}/{runs_c}", "dense_peak_mb": peak_d, "compact_peak_mb": peak_c,
                              "max_abs_diff": diff, "allclose": close})
 
-    print(f"machine {info['node']} ({info['processor']}, {info['cpus']} CPUs, load avg {info['loadavg_1min']}), "
-          f"torch {info['torch']}, threads {info['threads']}, device {info['device']}, {info['date']}; "
-          f"command: {info['command']}")
+    print(machine_header(info))
     print(f"\nLabelEncoder width 1.0 stem: conv {c}->{STEM_OUT}, {KERNEL}x{KERNEL}, stride 2; padded batch "
           f"{n} x {c} x {fh} x {fw} (fp32); stem output {n} x {STEM_OUT} x {oh} x {ow}. Classes present per batch "
           f"under the COCO-like draw ({args.cats_per_image} categories/image, batch {n}, 2000 draws): mean "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import machine_info
+from _common import machine_header, machine_info
 
 from labelenc.config import build_config
 from labelenc.data.loader import build_datasets
@@ -59,7 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (the report gives quartiles of the rounds)")
+    return args
 
 
 def tiny_runs(args: argparse.Namespace, workdir: Path):
@@ -147,9 +150,7 @@ def main() -> None:
     quart = {name: statistics.quantiles(t, n=4) for name, t in times.items()}
 
     info = machine_info(device)
-    print(f"machine {info['node']} ({info['processor']}, {info['cpus']} CPUs, load avg {info['loadavg_1min']}), "
-          f"torch {info['torch']}, threads {info['threads']}, device {info['device']}, {info['date']}; "
-          f"command: {info['command']}")
+    print(machine_header(info))
     m = cfg.model
     print(f"\n{m.family} {m.backbone} FPN-{m.fpn_channels}, {len(class_names)} classes, input {m.min_size}/"
           f"{m.max_size} px, {args.iters}-iteration tiny runs on synthetic {images[0].shape[-1]}-px images; forward of "

@@ -7,14 +7,13 @@ Prints a markdown table: time (median ms) and output memory (MB) per method, wit
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _common import machine_header, machine_info
 from torch import Tensor
 
 from labelenc.labelmap import render_label_maps
@@ -80,10 +79,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     image_h, image_w = args.height, args.width - 16  # the unpadded image inside the padded frame
-    device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    print(f"date {datetime.date.today()}, processor {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, device {device_name}, threads {torch.get_num_threads()}, "
-          f"frame {args.batch} x {args.num_classes} x {args.height} x {args.width}\n")
+    print(machine_header(machine_info(device)))
+    print(f"frame {args.batch} x {args.num_classes} x {args.height} x {args.width}\n")
     print("| boxes/image | method | ms | ratio | output MB | ratio |")
     print("|---|---|---|---|---|---|")
     for boxes_per_image in args.boxes:

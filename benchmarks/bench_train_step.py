@@ -35,7 +35,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from _common import machine_info
+from _common import machine_header, machine_info
 
 from labelenc.config import Config, load_config
 from labelenc.data.loader import build_datasets, build_train_loader
@@ -379,9 +379,7 @@ def main() -> None:
         raise SystemExit("the variants did not train on the same batches")
 
     m = cfg.model
-    print(f"machine {info['node']} ({info['processor']}, {info['cpus']} CPUs, load avg {info['loadavg_1min']}), "
-          f"torch {info['torch']}, threads {info['threads']}, device {info['device']}, {info['date']}; "
-          f"command: {info['command']}")
+    print(machine_header(info))
     print(f"\n{m.family} {m.backbone} FPN-{m.fpn_channels}, min/max size {m.min_size}/{m.max_size}, "
           f"batch {cfg.train.batch_size}, encoder width {cfg.labelenc.encoder_width}, amp {cfg.train.amp}; "
           f"data: {source}, {len(batches)} distinct batch(es), the same for every variant; "
