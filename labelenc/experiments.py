@@ -118,23 +118,26 @@ def run_config(cfg: Config, run: RunSpec, run_dir: Path, seed: int) -> Config:
 
 
 def finished_summary(run_cfg: Config, inputs: Mapping[str, str]) -> dict | None:
-    """The summary of a finished run with this exact config, or None; a damaged run folder, or a finished run of
-    the same config trained from other input files, is an error naming it."""
+    """The summary of a finished run with this config and these input files, or None; a damaged run folder, or a
+    finished run of the same config trained from other input files, is an error naming it. A run folder moved
+    elsewhere (its config's output_dir and its inputs' paths changed with it) is still the same run."""
     summary = Path(run_cfg.output_dir) / runner.SUMMARY
     config = Path(run_cfg.output_dir) / "config.yaml"
     if not (summary.is_file() and config.is_file()):
         return None
     try:
-        same = load_config(config) == run_cfg  # keys added to the schema since then take their defaults
+        recorded_cfg = load_config(config)  # keys added to the schema since then take their defaults
         result = json.loads(summary.read_text())
     except (OSError, UnicodeDecodeError, ConfigError, json.JSONDecodeError) as err:
         raise UserError(f"{run_cfg.output_dir} holds a damaged run ({type(err).__name__} reading its config.yaml or "
                         f"{runner.SUMMARY}); move it away or pass --overwrite") from None
+    same = recorded_cfg.model_copy(update={"output_dir": run_cfg.output_dir}) == run_cfg
     if not (same and isinstance(result, dict) and "metrics" in result):
         return None
-    recorded, wanted = result.get("inputs"), runner.input_record(inputs)
-    if recorded is not None and recorded != wanted:  # summaries written before inputs were recorded: trusted
-        raise UserError(f"{run_cfg.output_dir} holds a finished run trained from {recorded}, not {wanted}; give "
+    recorded = result.get("inputs")  # summaries written before inputs were recorded: trusted
+    difference = runner.input_difference(recorded, inputs) if recorded is not None else None
+    if difference is not None:
+        raise UserError(f"{run_cfg.output_dir} holds a finished run of this config, but {difference}; give "
                         "another output_dir or pass --overwrite")
     return result
 

@@ -6,6 +6,7 @@ Only the main process writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -159,12 +160,20 @@ def _configure_logging(output_dir: Path) -> logging.Handler | None:
     return handler
 
 
+def _close_log(handler: logging.Handler | None) -> None:
+    """Detach a run's log file, so that nothing logged after the run (the next run's reuse, a report) lands in it."""
+    if handler is not None:
+        logging.getLogger("labelenc").removeHandler(handler)
+        handler.close()
+
+
 @dataclass
 class RunSetup:
     device: torch.device
     output_dir: Path
     train_set: CocoDetection
     val_set: CocoDetection
+    log: logging.Handler | None  # the run's log.txt on the main process, detached when the run ends
 
 
 def start_run(
@@ -189,15 +198,13 @@ def start_run(
         train_set, val_set = build_datasets(cfg, with_masks=FAMILIES[cfg.model.family].with_masks)
         check_input_files(train_set.class_names)
     except UserError:
-        if handler is not None:
-            logging.getLogger("labelenc").removeHandler(handler)
-            handler.close()
+        _close_log(handler)
         if created and is_main_process() and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
     if is_main_process():
         _record_config(cfg, output_dir, changes)
-    return RunSetup(device, output_dir, train_set, val_set)
+    return RunSetup(device, output_dir, train_set, val_set, handler)
 
 
 def num_classes_of(cfg: Config, train_set: CocoDetection) -> int:
@@ -295,42 +302,46 @@ def train(
     recipe.check_inputs(inputs)
     with cpu_threads(cfg.train.threads):
         run = start_run(cfg, resume, overwrite, lambda class_names: recipe.check_input_files(cfg, class_names, inputs))
-        device, output_dir, train_set = run.device, run.output_dir, run.train_set
-        detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
-        if init_weights is not None:
-            load_detector_weights(detector, init_weights, cfg, train_set.class_names)
-        objective = recipe.build(cfg, detector, train_set.class_names, inputs)
-        model = objective.model.to(device)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        logger.info("%s: %d iterations", stage, objective.max_iter)
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
-        extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
-                 "category_ids": train_set.label_to_category[1:]}
-        scaler = build_grad_scaler(cfg.train.amp, device)
-        average = build_weight_average(cfg, detector) if recipe.trains_detector else None
-        checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler, average)
-        start_iter = resume_or_start(checkpointer, resume)
-        trainer = Trainer(
-            wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
-            build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter, device,
-            default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}", detector),
-            cfg.train.grad_clip, cfg.train.amp, cfg.train.max_bad_steps, scaler,
-        )
-        trainer.train(start_iter)
-        save_outputs = objective.save_outputs if is_main_process() else None
-        outputs = save_outputs(output_dir, extra["config"]) if save_outputs else {}
-        final = detector if average is None else average.module
-        weights, metrics = _save_and_evaluate(cfg, run, final, extra) if recipe.trains_detector else (None, {})
-        this_process = time.perf_counter() - start_time
-        wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
-        if is_main_process():
-            write_json_atomic(output_dir / SUMMARY, {
-                "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
-                "wall_time_this_process": this_process, "machine": machine_description(device),
-                "inputs": input_record(inputs), "metrics": metrics})
-        return RunResult(output_dir, weights, metrics, wall_time, outputs)
+        try:
+            device, output_dir, train_set = run.device, run.output_dir, run.train_set
+            detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
+            if init_weights is not None:
+                load_detector_weights(detector, init_weights, cfg, train_set.class_names)
+            objective = recipe.build(cfg, detector, train_set.class_names, inputs)
+            model = objective.model.to(device)
+            if cfg.model.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            logger.info("%s: %d iterations", stage, objective.max_iter)
+            optimizer = build_optimizer(cfg, model)
+            scheduler = build_lr_scheduler(cfg, optimizer, objective.lr_offset)
+            extra = {"config": cfg.model_dump(mode="json"), "stage": stage, "class_names": train_set.class_names,
+                     "category_ids": train_set.label_to_category[1:]}
+            scaler = build_grad_scaler(cfg.train.amp, device)
+            average = build_weight_average(cfg, detector) if recipe.trains_detector else None
+            checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler, average)
+            start_iter = resume_or_start(checkpointer, resume)
+            trainer = Trainer(
+                wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
+                build_train_loader(train_set, cfg, start_iter, get_rank(), get_world_size()), objective.max_iter,
+                device,
+                default_hooks(cfg, objective, scheduler, checkpointer, f"{stage} {output_dir.name}", detector),
+                cfg.train.grad_clip, cfg.train.amp, cfg.train.max_bad_steps, scaler,
+            )
+            trainer.train(start_iter)
+            save_outputs = objective.save_outputs if is_main_process() else None
+            outputs = save_outputs(output_dir, extra["config"]) if save_outputs else {}
+            final = detector if average is None else average.module
+            weights, metrics = _save_and_evaluate(cfg, run, final, extra) if recipe.trains_detector else (None, {})
+            this_process = time.perf_counter() - start_time
+            wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
+            if is_main_process():
+                write_json_atomic(output_dir / SUMMARY, {
+                    "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
+                    "wall_time_this_process": this_process, "machine": machine_description(device),
+                    "inputs": input_record(inputs), "metrics": metrics})
+            return RunResult(output_dir, weights, metrics, wall_time, outputs)
+        finally:
+            _close_log(run.log)
 
 
 @contextmanager
@@ -356,9 +367,32 @@ def machine_description(device: torch.device | None = None) -> str:
             f"{processes}); torch {torch.__version__}")
 
 
-def input_record(inputs: Mapping[str, str]) -> dict[str, str]:
-    """The input files of a run as its summary records them (absolute paths), to tell runs of other inputs apart."""
-    return {key: str(Path(path).resolve()) for key, path in sorted(inputs.items())}
+def input_record(inputs: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The input files of a run as its summary records them: absolute path and SHA-256 of the content, so that a
+    finished run is known by the files it read, wherever they have been moved since."""
+    return {key: {"path": str(Path(path).resolve()), "sha256": _sha256(path)} for key, path in sorted(inputs.items())}
+
+
+def input_difference(recorded: Mapping[str, object], inputs: Mapping[str, str]) -> str | None:
+    """How ``inputs`` differ from the files a run recorded (:func:`input_record`), or None when they are the same
+    files: same content, or the same path where the file is not there to read (yet). Summaries written before
+    contents were recorded hold paths alone, compared as paths."""
+    if set(recorded) != set(inputs):
+        return f"its inputs were {sorted(recorded)}, not {sorted(inputs)}"
+    for key, path in sorted(inputs.items()):
+        was = recorded[key] if isinstance(recorded[key], dict) else {"path": recorded[key]}
+        now = str(Path(path).resolve())
+        if "sha256" in was and Path(path).is_file():
+            if was["sha256"] != _sha256(path):
+                return f"its {key} was {was['path']} (sha256 {was['sha256'][:12]}...), not the content of {now}"
+        elif was["path"] != now:
+            return f"its {key} was {was['path']}, not {now}"
+    return None
+
+
+def _sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _save_and_evaluate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,43 @@ def test_a_damaged_run_summary_is_named_not_a_traceback(tiny_pipeline_config) ->
     (root / "seed0" / "step1" / SUMMARY).write_bytes(b"\x00\xff{not json")
     with pytest.raises(UserError, match=f"{root / 'seed0' / 'step1'} holds a damaged run"):
         run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+
+
+def test_a_moved_experiment_folder_is_reused_as_it_is(tiny_pipeline_config, tmp_path: Path) -> None:
+    """Runs moved to another folder (Step 2's label encoder with them) are reused: nothing is trained or evaluated
+    again, and every file of every run stays as it was."""
+    first = run_pipeline(tiny_pipeline_config, seeds=[0])
+    moved = tmp_path / "moved"
+    shutil.move(tiny_pipeline_config.output_dir, moved)
+    before = {p: p.read_bytes() for p in (moved / "seed0").rglob("*") if p.is_file()}
+    report = run_pipeline(tiny_pipeline_config.model_copy(update={"output_dir": str(moved)}), seeds=[0])
+    assert {p: p.read_bytes() for p in (moved / "seed0").rglob("*") if p.is_file()} == before
+    assert report["rows"] == first["rows"]
+
+
+def test_a_finished_step2_of_another_label_encoder_is_named_not_reused(tiny_pipeline_config) -> None:
+    """Step 1's label_encoder.pth changed after Step 2 trained from it: an error naming the run and the file."""
+    root = Path(tiny_pipeline_config.output_dir)
+    run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    encoder = root / "seed0" / "step1" / LABEL_ENCODER
+    encoder.write_bytes(encoder.read_bytes() + b"another file")
+    summary = (root / "seed0" / "step2" / SUMMARY).read_text()
+    with pytest.raises(UserError, match=f"{root / 'seed0' / 'step2'} holds a finished run of this config, but its "
+                                        f"label_encoder was {encoder} \\(sha256 "):
+        run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    assert (root / "seed0" / "step2" / SUMMARY).read_text() == summary
+
+
+def test_a_summary_that_recorded_input_paths_alone_is_compared_by_path(tiny_pipeline_config) -> None:
+    """Summaries written before input contents were recorded hold paths: the same path is the same input."""
+    root = Path(tiny_pipeline_config.output_dir)
+    run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    path = root / "seed0" / "step2" / SUMMARY
+    summary = json.loads(path.read_text())
+    summary["inputs"] = {"label_encoder": str((root / "seed0" / "step1" / LABEL_ENCODER).resolve())}
+    path.write_text(json.dumps(summary))
+    run_pipeline(tiny_pipeline_config, seeds=[0], skip_baselines=True)
+    assert json.loads(path.read_text()) == summary
 
 
 def test_an_interrupted_pipeline_resumes_its_unfinished_run(tiny_pipeline_config) -> None:

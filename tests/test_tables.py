@@ -152,7 +152,7 @@ def test_a_finished_run_of_other_inputs_is_not_reused(ablations: dict, capsys: p
     teacher = seed0 / "step2" / FINAL_WEIGHTS
     assert cli.main(["ablate", str(ablations["config"]), "--table", "6", "--teacher", str(teacher)]) == 2
     err = capsys.readouterr().err
-    assert f"{seed0 / 'kd'} holds a finished run trained from" in err and str(teacher) in err
+    assert f"{seed0 / 'kd'} holds a finished run of this config, but its teacher was" in err and str(teacher) in err
     assert (seed0 / "kd" / FINAL_WEIGHTS).stat().st_mtime_ns == kd
 
 
