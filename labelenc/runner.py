@@ -217,6 +217,17 @@ def num_classes_of(cfg: Config, train_set: CocoDetection) -> int:
     return train_set.num_classes
 
 
+def warn_of_cpu_bf16_convolutions(cfg: Config, device: torch.device) -> None:
+    """Warn where torch's CPU bf16 convolution is known to compute wrong weight gradients: a 3x3 stride-2 conv
+    whose input is one pixel wide (measured on torch 2.14.1: values up to 1e38 or inf, for input widths 1 and heights
+    1-3), i.e. the FPN's P6 -> P7 conv wherever the resized image is at most 64 px wide."""
+    if cfg.train.amp == "bf16" and device.type == "cpu" and cfg.model.min_size <= 64:
+        logger.warning(
+            "train.amp=bf16 on the CPU with model.min_size=%d: torch's CPU bf16 convolution gives wrong weight "
+            "gradients (up to inf) for one-pixel-wide inputs, which the P7 conv of images at most 64 px wide has; "
+            "use train.amp=off here", cfg.model.min_size)
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """``train.optimizer`` over the trainable parameters, at the LR scaled linearly from the reference batch to
     ``train.batch_size``."""
@@ -304,6 +315,7 @@ def train(
         run = start_run(cfg, resume, overwrite, lambda class_names: recipe.check_input_files(cfg, class_names, inputs))
         try:
             device, output_dir, train_set = run.device, run.output_dir, run.train_set
+            warn_of_cpu_bf16_convolutions(cfg, device)
             detector = build_detector(cfg.model, num_classes_of(cfg, train_set))
             if init_weights is not None:
                 load_detector_weights(detector, init_weights, cfg, train_set.class_names)

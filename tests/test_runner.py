@@ -266,3 +266,17 @@ def test_resume_restores_the_weight_average(tiny_config, tmp_path) -> None:
     (Path(cfg.output_dir) / "last_checkpoint").write_text("checkpoint_0000002.pth")
     resumed = load_file(train(cfg, resume=True).weights)["model"]
     assert [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])] == []
+
+
+@pytest.mark.parametrize("amp, device, min_size, warned", [
+    ("bf16", "cpu", 64, True), ("bf16", "cpu", 128, False), ("off", "cpu", 64, False), ("bf16", "cuda", 64, False),
+])
+def test_cpu_bf16_at_small_sizes_is_warned_of(tiny_config, caplog: pytest.LogCaptureFixture, amp: str, device: str,
+                                               min_size: int, warned: bool) -> None:
+    """bf16 on the CPU where an image may be 64 px wide or less (torch's CPU bf16 conv gives wrong weight gradients
+    for the P7 conv's one-pixel-wide input there) is a warning naming the setting; other settings are quiet."""
+    cfg = tiny_config(train={"amp": amp}, model={"min_size": min_size, "max_size": max(min_size, 64)})
+    with caplog.at_level("WARNING", logger="labelenc.runner"):
+        runner.warn_of_cpu_bf16_convolutions(cfg, torch.device(device))
+    assert ("train.amp=bf16 on the CPU with model.min_size=64" in caplog.text) == warned
+    assert bool(caplog.records) == warned
