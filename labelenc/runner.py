@@ -347,13 +347,25 @@ def train(
             this_process = time.perf_counter() - start_time
             wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
             if is_main_process():
-                write_json_atomic(output_dir / SUMMARY, {
-                    "stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
-                    "wall_time_this_process": this_process, "machine": machine_description(device),
-                    "inputs": input_record(inputs), "metrics": metrics})
+                summary = {"stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
+                           "wall_time_this_process": this_process, "machine": machine_description(device),
+                           "inputs": input_record(inputs), "metrics": metrics}
+                if start_iter == objective.max_iter:  # a finished run evaluated again: it trained where it said
+                    summary.update(_where_it_trained(output_dir))
+                write_json_atomic(output_dir / SUMMARY, summary)
+                wall_time = summary["wall_time"]
             return RunResult(output_dir, weights, metrics, wall_time, outputs)
         finally:
             _close_log(run.log)
+
+
+def _where_it_trained(output_dir: Path) -> dict:
+    """The training wall time and machine of the run's previous summary (none if there is none, or it is damaged)."""
+    try:
+        previous = json.loads((output_dir / SUMMARY).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return {k: previous[k] for k in ("wall_time", "machine") if isinstance(previous, dict) and k in previous}
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from labelenc.engine.schedule import WarmupMultiStep, weight_on_between
 from labelenc.engine.trainer import BatchError, Hook, NonFiniteLossError, Trainer
 from labelenc.method import Step1
 from labelenc.models import build_detector
-from labelenc.runner import RunDirError, RunResult, train
+from labelenc.runner import SUMMARY, RunDirError, RunResult, train
 
 CPU = torch.device("cpu")
 
@@ -394,17 +394,24 @@ def test_train_refuses_to_overwrite_a_run(finished_run, tmp_path: Path, state: s
 
 
 def test_resume_of_a_finished_run_changes_nothing(finished_run, tmp_path: Path) -> None:
-    """--resume on a finished run trains no further: same weights, same metrics lines, same checkpoints."""
+    """--resume on a finished run trains no further: same weights, same metrics lines, same checkpoints; its summary
+    keeps where and how long the run trained (here: a run trained on another machine), not the re-evaluation's."""
     cfg, result = finished_run("retinanet")
     out = tmp_path / "run"
     cfg = copy_run(result.output_dir, out, cfg)
     checkpoints = {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")}
+    summary = json.loads((out / SUMMARY).read_text())
+    summary.update(machine="gpu-node (x86_64, 16 threads, CUDA H100)", wall_time=1234.5)
+    (out / SUMMARY).write_text(json.dumps(summary))
     again = train(cfg, "baseline", resume=True)
     state, reference = final_state(again), final_state(result)
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert (out / "metrics.jsonl").read_text() == (result.output_dir / "metrics.jsonl").read_text()
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")} == checkpoints
     assert again.metrics == result.metrics
+    rewritten = json.loads((out / SUMMARY).read_text())
+    assert rewritten["machine"] == summary["machine"] and rewritten["wall_time"] == again.wall_time == 1234.5
+    assert rewritten["wall_time_this_process"] != summary["wall_time_this_process"]
 
 
 def test_overwrite_replaces_a_run(finished_run, tmp_path: Path) -> None:
