@@ -327,9 +327,15 @@ def _signed(x: float | None) -> str:
 
 def _trained_on(results: dict[str, list[dict]]) -> str:
     """Where the runs trained, as their summaries record it, with how many runs each (reused runs may come from
-    other machines than the one writing the report)."""
-    machines = Counter(run.get("machine", "not recorded") for runs in results.values() for run in runs)
+    other machines than the one writing the report; a run resumed elsewhere counts for each of its machines)."""
+    machines = Counter(machine for runs in results.values() for run in runs for machine in _machines_of(run))
     return "; ".join(f"{machine} ({count} run{'s' if count > 1 else ''})" for machine, count in machines.items())
+
+
+def _machines_of(run: dict) -> list[str]:
+    """The machines one run's summary says it trained on, each once, in order."""
+    sessions = run.get("trained_on") or [{"machine": run.get("machine", "not recorded")}]
+    return list(dict.fromkeys(session["machine"] for session in sessions))
 
 
 def build_report(cfg: Config, experiment: Experiment, seeds: list[int], results: dict[str, list[dict]]) -> dict:

@@ -330,7 +330,9 @@ def train(
                      "category_ids": train_set.label_to_category[1:]}
             scaler = build_grad_scaler(cfg.train.amp, device)
             average = build_weight_average(cfg, detector) if recipe.trains_detector else None
-            checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler, average)
+            machine = machine_description(device)
+            checkpointer = Checkpointer(model, optimizer, scheduler, output_dir, extra, start_time, scaler, average,
+                                        machine)
             start_iter = resume_or_start(checkpointer, resume)
             trainer = Trainer(
                 wrap_distributed(model, device, recipe.find_unused_parameters), optimizer,
@@ -344,12 +346,14 @@ def train(
             outputs = save_outputs(output_dir, extra["config"]) if save_outputs else {}
             final = detector if average is None else average.module
             weights, metrics = _save_and_evaluate(cfg, run, final, extra) if recipe.trains_detector else (None, {})
+            trained_on = checkpointer.sessions(objective.max_iter)
             this_process = time.perf_counter() - start_time
             wall_time = checkpointer.earlier_wall_time + this_process  # a resumed run: its earlier processes too
             if is_main_process():
                 summary = {"stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
-                           "wall_time_this_process": this_process, "machine": machine_description(device),
-                           "inputs": input_record(inputs), "metrics": metrics}
+                           "wall_time_this_process": this_process, "machine": machine,
+                           "trained_on": trained_on, "inputs": input_record(inputs),
+                           "metrics": metrics}
                 if start_iter == objective.max_iter:  # a finished run evaluated again: it trained where it said
                     summary.update(_where_it_trained(output_dir))
                 write_json_atomic(output_dir / SUMMARY, summary)
@@ -360,12 +364,14 @@ def train(
 
 
 def _where_it_trained(output_dir: Path) -> dict:
-    """The training wall time and machine of the run's previous summary (none if there is none, or it is damaged)."""
+    """The training wall time and machines of the run's previous summary (none if there is none, or it is
+    damaged)."""
     try:
         previous = json.loads((output_dir / SUMMARY).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    return {k: previous[k] for k in ("wall_time", "machine") if isinstance(previous, dict) and k in previous}
+    kept = ("wall_time", "machine", "trained_on")
+    return {k: previous[k] for k in kept if isinstance(previous, dict) and k in previous}
 
 
 @contextmanager

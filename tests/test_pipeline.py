@@ -103,20 +103,20 @@ def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline
 
 
 def test_the_report_says_where_reused_runs_trained(tiny_pipeline_config) -> None:
-    """Runs reused from elsewhere keep their own machine in the report, apart from the machine writing it."""
+    """Runs reused from elsewhere keep their own machines in the report, apart from the machine writing it; a run
+    resumed on another machine counts for both."""
     root = Path(tiny_pipeline_config.output_dir)
     run_pipeline(tiny_pipeline_config, seeds=[0])
-    summaries = sorted((root / "seed0").glob(f"*/{SUMMARY}"))
-    for path, machine in zip(summaries, ["gpu-node (x86_64, 16 threads, CUDA H100)", None]):
-        summary = json.loads(path.read_text())
-        if machine is None:
-            del summary["machine"]  # a summary written before summaries recorded the machine
-        else:
-            summary["machine"] = machine
-        path.write_text(json.dumps(summary))
+    here, gpu = machine_description(), "gpu-node (x86_64, 16 threads, CUDA H100)"
+    first, second = sorted((root / "seed0").glob(f"*/{SUMMARY}"))[:2]
+    summary = json.loads(first.read_text())
+    summary["trained_on"] = [{"machine": gpu, "iterations": [0, 1], "wall_time": 1.0}] + summary["trained_on"]
+    first.write_text(json.dumps(summary))
+    summary = json.loads(second.read_text())
+    del summary["machine"], summary["trained_on"]  # a summary written before summaries recorded machines
+    second.write_text(json.dumps(summary))
     markdown = run_pipeline(tiny_pipeline_config, seeds=[0])["markdown"]
-    here = machine_description()
-    assert (f"Trained on: gpu-node (x86_64, 16 threads, CUDA H100) (1 run); not recorded (1 run); {here} (2 runs).\n"
+    assert (f"Trained on: {gpu} (1 run); {here} (3 runs); not recorded (1 run).\n"
             f"Report written on: {here};") in markdown
 
 

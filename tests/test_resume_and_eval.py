@@ -14,8 +14,8 @@ from conftest import tiny_raw
 from labelenc.cli import main
 from labelenc.config import build_config, save_config
 from labelenc.data.loader import build_datasets, build_train_loader
-from labelenc.engine.checkpoint import load_file
-from labelenc.runner import FINAL_WEIGHTS, SUMMARY, train
+from labelenc.engine.checkpoint import load_file, save_file
+from labelenc.runner import FINAL_WEIGHTS, SUMMARY, machine_description, train
 from labelenc.stages import LABEL_ENCODER
 
 
@@ -100,6 +100,30 @@ def test_garbage_pointer_and_truncated_latest_checkpoint_fall_back_to_one_that_l
     assert all(torch.equal(final[k], uninterrupted[k]) for k in final)
     summary = json.loads((run / SUMMARY).read_text())
     assert summary["wall_time"] > summary["wall_time_this_process"] > 0  # the work before the kill is counted
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_run_resumed_elsewhere_names_every_machine_it_trained_on(
+    finished: Path, tmp_path: Path, recorded: bool
+) -> None:
+    """The summary of a run resumed on another machine lists both, with the iterations each trained; a checkpoint
+    written before machines were recorded counts its iterations as trained on a machine not recorded."""
+    run, config = _interrupted_copy(finished, tmp_path)
+    checkpoint = run / "checkpoint_0000002.pth"
+    state = load_file(checkpoint)
+    [earlier] = state.pop("trained_on")
+    assert earlier["iterations"] == [0, 2] and earlier["wall_time"] == pytest.approx(state["wall_time"], abs=0.1)
+    if recorded:
+        state["trained_on"] = [{**earlier, "machine": "gpu-node (x86_64, 16 threads, CUDA H100)"}]
+    save_file(state, checkpoint)
+
+    assert main(["train", str(config), "--resume"]) == 0
+    summary = json.loads((run / SUMMARY).read_text())
+    first, second = summary["trained_on"]
+    assert first["machine"] == ("gpu-node (x86_64, 16 threads, CUDA H100)" if recorded else "not recorded")
+    assert first["iterations"] == [0, 2] and second["iterations"] == [2, 4]
+    assert second["machine"] == summary["machine"] == machine_description(torch.device("cpu"))
+    assert summary["wall_time"] == pytest.approx(state["wall_time"] + summary["wall_time_this_process"])
 
 
 @pytest.mark.parametrize("what", ["label_encoder", "text", "other_family"])

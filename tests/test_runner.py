@@ -44,6 +44,9 @@ def test_run_directory_records_config_and_summary(tiny_config) -> None:
     assert summary["metrics"] == result.metrics
     assert summary["machine"] == machine_description(torch.device("cpu"))  # where it trained: the config's device
     assert "CPU" in summary["machine"] and torch.__version__ in summary["machine"]
+    [session] = summary["trained_on"]  # one process trained every iteration
+    assert session["machine"] == summary["machine"] and session["iterations"] == [0, 2]
+    assert 0 < session["wall_time"] <= summary["wall_time"]
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert {"loss", "lr", "classification", "bbox_regression"} <= set(records[0])

@@ -112,7 +112,7 @@ class Checkpointer:
 
     def __init__(
         self, model: nn.Module, optimizer, scheduler, output_dir: str | Path, extra: dict, start_time: float | None = None,
-        scaler: torch.amp.GradScaler | None = None, average: nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None, average: nn.Module | None = None, machine: str = "not recorded",
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.average = average
@@ -120,10 +120,20 @@ class Checkpointer:
         self.extra = extra  # config, stage: recorded in every file
         self.start_time = time.perf_counter() if start_time is None else start_time  # this process's start
         self.earlier_wall_time = 0.0  # seconds of the run's earlier processes, up to the resumed checkpoint
+        self.machine = machine  # where this process trains
+        self.start_iter = 0  # the iteration this process started from
+        self.earlier_sessions: list[dict] = []  # the run's earlier processes, up to the resumed checkpoint
 
     def wall_time(self) -> float:
         """Seconds the run's kept work took: earlier processes up to the resumed checkpoint, plus this one."""
         return self.earlier_wall_time + time.perf_counter() - self.start_time
+
+    def sessions(self, iteration: int) -> list[dict]:
+        """Where the run's kept work up to ``iteration`` trained: each process that added iterations, with its
+        machine, first and last iteration and wall time, so that a run resumed elsewhere names every machine."""
+        this = {"machine": self.machine, "iterations": [self.start_iter, iteration],
+                "wall_time": time.perf_counter() - self.start_time}
+        return self.earlier_sessions + ([this] if iteration > self.start_iter else [])
 
     def save(self, name: str, iteration: int) -> Path:
         """Write the training state; every process calls it (each contributes its RNG state), the main one writes."""
@@ -142,6 +152,7 @@ class Checkpointer:
                     "rng": rng,
                     "rng_per_process": rng_per_process,
                     "wall_time": self.wall_time(),
+                    "trained_on": self.sessions(iteration),
                     **({"scaler": self.scaler.state_dict()} if self.scaler is not None and self.scaler.is_enabled()
                        else {}),
                     **({"weight_average": self.average.state_dict()} if self.average is not None else {}),
@@ -175,6 +186,10 @@ class Checkpointer:
                                   "start afresh with --overwrite")
         unwrap(self.model).load_state_dict(state["model"])
         self.earlier_wall_time = state.get("wall_time", 0.0)
+        self.start_iter = state["iteration"]
+        self.earlier_sessions = state.get("trained_on") or (  # checkpoints written before machines were recorded
+            [{"machine": "not recorded", "iterations": [0, self.start_iter], "wall_time": self.earlier_wall_time}]
+            if self.start_iter > 0 else [])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:

@@ -401,7 +401,9 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run, tmp_path: Path) 
     cfg = copy_run(result.output_dir, out, cfg)
     checkpoints = {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")}
     summary = json.loads((out / SUMMARY).read_text())
-    summary.update(machine="gpu-node (x86_64, 16 threads, CUDA H100)", wall_time=1234.5)
+    gpu = "gpu-node (x86_64, 16 threads, CUDA H100)"
+    summary.update(machine=gpu, wall_time=1234.5,
+                   trained_on=[{"machine": gpu, "iterations": [0, summary["iterations"]], "wall_time": 1234.5}])
     (out / SUMMARY).write_text(json.dumps(summary))
     again = train(cfg, "baseline", resume=True)
     state, reference = final_state(again), final_state(result)
@@ -411,6 +413,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run, tmp_path: Path) 
     assert again.metrics == result.metrics
     rewritten = json.loads((out / SUMMARY).read_text())
     assert rewritten["machine"] == summary["machine"] and rewritten["wall_time"] == again.wall_time == 1234.5
+    assert rewritten["trained_on"] == summary["trained_on"]
     assert rewritten["wall_time_this_process"] != summary["wall_time_this_process"]
 
 
