@@ -352,7 +352,8 @@ def train(
             if is_main_process():
                 summary = {"stage": stage, "iterations": objective.max_iter, "wall_time": wall_time,
                            "wall_time_this_process": this_process, "machine": machine,
-                           "trained_on": trained_on, "inputs": input_record(inputs),
+                           "trained_on": trained_on, "inputs": file_record(inputs),
+                           "outputs": file_record({**outputs, **({"detector": weights} if weights else {})}),
                            "metrics": metrics}
                 if start_iter == objective.max_iter:  # a finished run evaluated again: it trained where it said
                     summary.update(_where_it_trained(output_dir))
@@ -397,27 +398,40 @@ def machine_description(device: torch.device | None = None) -> str:
             f"{processes}); torch {torch.__version__}")
 
 
-def input_record(inputs: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """The input files of a run as its summary records them: absolute path and SHA-256 of the content, so that a
-    finished run is known by the files it read, wherever they have been moved since."""
-    return {key: {"path": str(Path(path).resolve()), "sha256": _sha256(path)} for key, path in sorted(inputs.items())}
+def file_record(files: Mapping[str, str | Path]) -> dict[str, dict[str, str]]:
+    """Files as a run's summary records what it read and wrote: absolute path and SHA-256 of the content, so that a
+    finished run is known by its files wherever they have been moved since."""
+    return {key: {"path": str(Path(path).resolve()), "sha256": _sha256(path)} for key, path in sorted(files.items())}
 
 
 def input_difference(recorded: Mapping[str, object], inputs: Mapping[str, str]) -> str | None:
-    """How ``inputs`` differ from the files a run recorded (:func:`input_record`), or None when they are the same
-    files: same content, or the same path where the file is not there to read (yet). Summaries written before
+    """How ``inputs`` differ from the files a run recorded (:func:`file_record`), or None when they are the same
+    files: the same content, read from the file or, where the file is not there (weights left behind when run
+    folders were moved), from the summary of the run that wrote it; else the same path. Summaries written before
     contents were recorded hold paths alone, compared as paths."""
     if set(recorded) != set(inputs):
         return f"its inputs were {sorted(recorded)}, not {sorted(inputs)}"
     for key, path in sorted(inputs.items()):
         was = recorded[key] if isinstance(recorded[key], dict) else {"path": recorded[key]}
         now = str(Path(path).resolve())
-        if "sha256" in was and Path(path).is_file():
-            if was["sha256"] != _sha256(path):
-                return f"its {key} was {was['path']} (sha256 {was['sha256'][:12]}...), not the content of {now}"
+        content = _sha256(path) if Path(path).is_file() else _sha256_written(path)
+        if "sha256" in was and content is not None:
+            if was["sha256"] != content:
+                where = "" if Path(path).is_file() else f" that {Path(path).parent / SUMMARY} records writing"
+                return f"its {key} was {was['path']} (sha256 {was['sha256'][:12]}...), not the content of {now}{where}"
         elif was["path"] != now:
             return f"its {key} was {was['path']}, not {now}"
     return None
+
+
+def _sha256_written(path: str | Path) -> str | None:
+    """The SHA-256 that the summary of the run folder holding ``path`` recorded for it when the run wrote it, or
+    None (no such summary, or one written before outputs were recorded)."""
+    try:
+        outputs = json.loads((Path(path).parent / SUMMARY).read_text()).get("outputs", {})
+        return next((f["sha256"] for f in outputs.values() if Path(f["path"]).name == Path(path).name), None)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def _sha256(path: str | Path) -> str:

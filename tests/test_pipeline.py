@@ -151,6 +151,29 @@ def test_a_moved_experiment_folder_is_reused_as_it_is(tiny_pipeline_config, tmp_
     assert report["rows"] == first["rows"]
 
 
+def test_moved_run_records_without_weights_are_reused(tiny_pipeline_config, tmp_path: Path) -> None:
+    """Run folders moved without their .pth files (records banked apart from the weights) are reused: Step 2's
+    label encoder is known by the SHA-256 that Step 1's summary recorded writing. A Step 1 that records writing
+    another encoder is named, not reused."""
+    first = run_pipeline(tiny_pipeline_config, seeds=[0])
+    moved = tmp_path / "moved"
+    shutil.move(tiny_pipeline_config.output_dir, moved)
+    for weights in moved.rglob("*.pth"):
+        weights.unlink()
+    before = {p: p.read_bytes() for p in (moved / "seed0").rglob("*") if p.is_file()}
+    cfg = tiny_pipeline_config.model_copy(update={"output_dir": str(moved)})
+    assert run_pipeline(cfg, seeds=[0])["rows"] == first["rows"]
+    assert {p: p.read_bytes() for p in (moved / "seed0").rglob("*") if p.is_file()} == before
+
+    step1 = moved / "seed0" / "step1" / SUMMARY
+    summary = json.loads(step1.read_text())
+    summary["outputs"]["label_encoder"]["sha256"] = "0" * 64
+    step1.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=f"{moved / 'seed0' / 'step2'} holds a finished run of this config, but its "
+                                        f"label_encoder was .* that {step1} records writing"):
+        run_pipeline(cfg, seeds=[0])
+
+
 def test_a_finished_step2_of_another_label_encoder_is_named_not_reused(tiny_pipeline_config) -> None:
     """Step 1's label_encoder.pth changed after Step 2 trained from it: an error naming the run and the file."""
     root = Path(tiny_pipeline_config.output_dir)

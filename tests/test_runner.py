@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_run_directory_records_config_and_summary(tiny_config) -> None:
     [session] = summary["trained_on"]  # one process trained every iteration
     assert session["machine"] == summary["machine"] and session["iterations"] == [0, 2]
     assert 0 < session["wall_time"] <= summary["wall_time"]
+    weights = result.output_dir / FINAL_WEIGHTS  # what it wrote, known by content wherever it is moved
+    assert summary["outputs"] == {"detector": {"path": str(weights.resolve()),
+                                               "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}}
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert {"loss", "lr", "classification", "bbox_regression"} <= set(records[0])
