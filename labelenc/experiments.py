@@ -292,6 +292,8 @@ def run_experiment(
         else:
             logger.info("reusing finished run %s", job.cfg.output_dir)
             summaries[job.key] = summary
+    logger.info("%d run(s) reused, %d to train%s", len(summaries), len(to_train),
+                "".join(f"\n  {job.cfg.output_dir}" for job in to_train))
     if jobs > 1 and len(to_train) > 1:
         summaries.update(_train_in_parallel(to_train, overwrite, jobs))
     else:

@@ -69,12 +69,18 @@ def test_the_loss_curves_sum_the_detection_terms_only() -> None:
     assert _detection_loss(record) == 0.75
 
 
-def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(tiny_pipeline_config) -> None:
-    """A second call reuses finished runs; several seeds give mean ± std over per-seed runs."""
+def test_pipeline_reuses_finished_runs_and_reports_seed_statistics(
+    tiny_pipeline_config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second call reuses finished runs (and says which it trains); several seeds give mean ± std over per-seed
+    runs."""
     root = Path(tiny_pipeline_config.output_dir)
     run_pipeline(tiny_pipeline_config, seeds=[0])
     first = (root / "seed0" / "baseline_1x" / FINAL_WEIGHTS).stat().st_mtime_ns
+    caplog.clear()
     report = run_pipeline(tiny_pipeline_config, seeds=[0, 1])
+    assert "4 run(s) reused, 4 to train\n" + "".join(f"  {root / 'seed1' / run}\n" for run in RUN_DIRS) in (
+        caplog.text)
     assert (root / "seed0" / "baseline_1x" / FINAL_WEIGHTS).stat().st_mtime_ns == first
     assert (root / "seed1" / "step2" / FINAL_WEIGHTS).is_file()
     for row, stats in report["rows"].items():
