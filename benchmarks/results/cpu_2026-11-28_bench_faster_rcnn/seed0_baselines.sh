@@ -1,0 +1,6 @@
+#!/bin/bash
+# Faster R-CNN seed 0's baselines, one after the other beside RetinaNet seed 2's Step 1 -> Step 2: configs identical to the pipeline's own
+cd /work/bench
+R=runs/bench_faster_rcnn
+OMP_NUM_THREADS=1 .venv/bin/labelenc train configs/bench_faster_rcnn_synth.yaml train.seed=0 train.schedule=2x output_dir=$R/seed0/baseline_2x > /work/frcnn_s0_2x.log 2>&1
+OMP_NUM_THREADS=1 .venv/bin/labelenc train configs/bench_faster_rcnn_synth.yaml train.seed=0 train.schedule=1x output_dir=$R/seed0/baseline_1x > /work/frcnn_s0_1x.log 2>&1
